@@ -1,0 +1,276 @@
+"""Configuration: a schema owned by the code, plain YAML files, and `--set dotted.key=value` overrides.
+
+Every key has a default here, so a YAML file only states what differs. Validation happens on load,
+before any work, and every error names the source (file or `--set`), the dotted key, what was given
+and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the user."""
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    kind: type | tuple[type, ...]
+    help: str
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    nullable: bool = False
+
+
+# Layer types are the seed study's set (conv, ReLU, pooling, dense, dropout) plus batch norm and
+# flatten. Each layer is a mapping with `type` and the parameters below (name -> (kind, default)).
+LAYER_PARAMS: dict[str, dict[str, tuple[type, Any]]] = {
+    "conv": {"filters": (int, None), "kernel": (int, 3), "padding": (str, "same")},
+    "relu": {},
+    "maxpool": {"size": (int, 2)},
+    "dense": {"units": (int, None)},
+    "dropout": {"rate": (float, None)},
+    "batchnorm": {},
+    "flatten": {},
+}
+
+DEFAULT_LAYERS = [
+    {"type": "conv", "filters": 32, "kernel": 3}, {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "conv", "filters": 64, "kernel": 3}, {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "dropout", "rate": 0.25}, {"type": "flatten"},
+    {"type": "dense", "units": 128}, {"type": "relu"}, {"type": "dropout", "rate": 0.5},
+]
+
+SCHEMA: dict[str, Field] = {
+    "data.dir": Field(None, str, "directory holding the four IDX files (.gz or raw)", nullable=True),
+    "data.download": Field(False, bool, "download the files when no local copy is found"),
+    "data.url": Field("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", str,
+                      "base URL for data.download"),
+    "data.cache_dir": Field(None, str, "where downloads go (default ~/.cache/fmnist-dist)", nullable=True),
+    "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
+                           min=0, max=50000),
+    "model.layers": Field(DEFAULT_LAYERS, list, "layer list; a Dense(10) classifier is appended"),
+    "train.epochs": Field(12, int, "epochs to train", min=1, max=10000),
+    "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
+                                   min=1, nullable=True),
+    "train.batch_size": Field(128, int, "batch size per rank", min=1, max=60000),
+    "train.eval_batch_size": Field(1000, int, "batch size for validation and test", min=1, max=60000),
+    "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "sgd")),
+    "train.lr": Field(1e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
+    "train.lr_scaling": Field("linear", str, "how the learning rate grows with the number of ranks",
+                              choices=("linear", "sqrt", "none")),
+    "train.warmup_epochs": Field(1.0, float, "linear warm-up from train.lr to the scaled rate", min=0.0),
+    "train.schedule": Field("cosine", str, "learning-rate schedule after warm-up",
+                            choices=("constant", "cosine")),
+    "train.momentum": Field(0.9, float, "SGD momentum", min=0.0, max=1.0),
+    "train.weight_decay": Field(0.0, float, "decoupled weight decay (adamw, sgd)", min=0.0),
+    "train.label_smoothing": Field(0.0, float, "label smoothing", min=0.0, max=0.5),
+    "train.augment_flip": Field(False, bool, "random horizontal flips"),
+    "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),
+    "train.target_accuracy": Field(None, float, "stop once validation accuracy reaches this",
+                                   min=0.0, max=1.0, nullable=True),
+    "train.seed": Field(42, int, "seed for weights, split and shuffling", min=0),
+    "intel.onednn": Field(True, bool, "oneDNN kernels in TensorFlow (TF_ENABLE_ONEDNN_OPTS)"),
+    "intel.itex": Field("auto", str, "Intel Extension for TensorFlow: auto uses it when it loads",
+                        choices=("auto", "on", "off")),
+    "intel.mixed_precision": Field("none", str, "bf16 mixed precision: Keras policy or ITEX AMP",
+                                   choices=("none", "keras_bf16", "itex_bf16")),
+    "intel.intra_op_threads": Field(0, int, "threads per rank; 0 = cores available to the rank", min=0),
+    "intel.inter_op_threads": Field(1, int, "TensorFlow inter-op threads per rank", min=1),
+    "intel.kmp_affinity": Field("granularity=fine,compact,1,0", str, "KMP_AFFINITY for OpenMP runtimes"),
+    "intel.kmp_blocktime": Field(1, int, "KMP_BLOCKTIME in ms", min=0),
+    "run.log_every_steps": Field(0, int, "rank 0 prints progress every N steps; 0 = per epoch", min=0),
+}
+
+
+def defaults() -> dict:
+    """The full nested config with every key at its default."""
+    cfg: dict = {}
+    for key, field in SCHEMA.items():
+        _set_dotted(cfg, key, copy.deepcopy(field.default))
+    cfg["model"]["layers"] = _check_layers(cfg["model"]["layers"], "built-in default")
+    return cfg
+
+
+def load(path: str | None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the YAML file, then `--set` overrides; validated. Raises ConfigError."""
+    cfg = defaults()
+    if path:
+        for key, value in _flatten(_read_yaml(path), path).items():
+            _apply(cfg, key, value, path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _apply(cfg, key, value, f"--set {item}")
+    return cfg
+
+
+def namespace(cfg: dict) -> SimpleNamespace:
+    """Attribute access for reading: ns.train.epochs."""
+    return SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in cfg.items()})
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, intel, run), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _flatten(tree: dict, source: str, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key not in SCHEMA:
+            if not any(k.startswith(key + ".") for k in SCHEMA):
+                raise ConfigError(_unknown_key_message(source, key))
+            flat.update(_flatten(value, source, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: value is not a YAML scalar: {e}") from None
+    return key.strip(), value
+
+
+def _apply(cfg: dict, key: str, value: Any, source: str) -> None:
+    field = SCHEMA.get(key)
+    if field is None:
+        raise ConfigError(_unknown_key_message(source, key))
+    value = _check(field, key, value, source)
+    if key == "model.layers":
+        value = _check_layers(value, source)
+    _set_dotted(cfg, key, value)
+
+
+def _check(field: Field, key: str, value: Any, source: str) -> Any:
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}: got {value!r} ({type(value).__name__}); expected {expected}")
+
+    if value is None:
+        if field.nullable:
+            return None
+        raise fail(_describe(field))
+    kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and {"on", "off"} <= set(field.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
+    if float in kinds and isinstance(value, str):
+        value = _yaml11_float(value)  # PyYAML reads 1e-3 (no dot) as a string
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise fail(_describe(field))
+    if field.choices and value not in field.choices:
+        raise fail(_describe(field))
+    if field.min is not None and value < field.min or field.max is not None and value > field.max:
+        raise fail(_describe(field))
+    return value
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _describe(field: Field) -> str:
+    kind = field.kind.__name__ if isinstance(field.kind, type) else "/".join(k.__name__ for k in field.kind)
+    text = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "list": "a list"}.get(kind, kind)
+    if field.choices:
+        text = "one of " + ", ".join(map(str, field.choices))
+    if field.min is not None and field.max is not None:
+        text += f" in [{field.min}, {field.max}]"
+    elif field.min is not None:
+        text += f" >= {field.min}"
+    if field.nullable:
+        text += " (or null)"
+    return text
+
+
+def _check_layers(layers: list, source: str) -> list:
+    checked = []
+    types = ", ".join(LAYER_PARAMS)
+    for i, layer in enumerate(layers):
+        where = f"{source}: model.layers[{i}]"
+        if not isinstance(layer, dict) or "type" not in layer:
+            raise ConfigError(f"{where}: got {layer!r}; expected a mapping with a 'type' (one of {types})")
+        kind = layer["type"]
+        params = LAYER_PARAMS.get(kind)
+        if params is None:
+            hint = _suggest(str(kind), LAYER_PARAMS)
+            raise ConfigError(f"{where}.type: got {kind!r}; expected one of {types}{hint}")
+        out = {"type": kind}
+        for name, given in layer.items():
+            if name == "type":
+                continue
+            if name not in params:
+                allowed = ", ".join(params) or "no parameters"
+                raise ConfigError(f"{where}.{name}: unknown parameter for {kind}{_suggest(name, params)}; "
+                                  f"{kind} takes {allowed}")
+        for name, (ptype, default) in params.items():
+            value = layer.get(name, default)
+            if value is None:
+                raise ConfigError(f"{where}.{name}: missing; {kind} needs {name}")
+            if ptype is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, ptype):
+                raise ConfigError(f"{where}.{name}: got {value!r}; expected {ptype.__name__}")
+            out[name] = value
+        _check_layer_ranges(out, where)
+        checked.append(out)
+    return checked
+
+
+def _check_layer_ranges(layer: dict, where: str) -> None:
+    rules = {"filters": (1, 4096), "kernel": (1, 28), "size": (1, 28), "units": (1, 65536), "rate": (0.0, 0.95)}
+    for name, (lo, hi) in rules.items():
+        if name in layer and not lo <= layer[name] <= hi:
+            raise ConfigError(f"{where}.{name}: got {layer[name]!r}; expected a value in [{lo}, {hi}]")
+    if layer.get("padding", "same") not in ("same", "valid"):
+        raise ConfigError(f"{where}.padding: got {layer['padding']!r}; expected same or valid")
+
+
+def _unknown_key_message(source: str, key: str) -> str:
+    return f"{source}: {key}: unknown key{_suggest(key, SCHEMA)}"
+
+
+def _suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value

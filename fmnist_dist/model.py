@@ -1,0 +1,65 @@
+"""The CNN, built from the layer list in the config (see config.LAYER_PARAMS)."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def build_model(layers: list[dict], seed: int) -> tf.keras.Model:
+    """Stack the configured layers and append the Dense(10) classifier (logits, float32)."""
+    initializer_seed = iter(range(seed * 1000, seed * 1000 + 1000))
+    model = tf.keras.Sequential(name="fmnist_cnn")
+    model.add(tf.keras.Input(shape=IMAGE_SHAPE))
+    for spec in layers:
+        model.add(_make_layer(spec, next(initializer_seed)))
+    if not any(spec["type"] == "flatten" for spec in layers):
+        model.add(tf.keras.layers.Flatten())
+    # Logits stay float32 under a bf16 policy: the softmax/loss is where bf16 would lose accuracy.
+    model.add(tf.keras.layers.Dense(NUM_CLASSES, dtype="float32", name="logits",
+                                    kernel_initializer=tf.keras.initializers.GlorotUniform(seed)))
+    return model
+
+
+def _make_layer(spec: dict, seed: int) -> tf.keras.layers.Layer:
+    kind = spec["type"]
+    init = tf.keras.initializers.GlorotUniform(seed)
+    if kind == "conv":
+        return tf.keras.layers.Conv2D(spec["filters"], spec["kernel"], padding=spec["padding"],
+                                      kernel_initializer=init)
+    if kind == "dense":
+        return tf.keras.layers.Dense(spec["units"], kernel_initializer=init)
+    if kind == "relu":
+        return tf.keras.layers.ReLU()
+    if kind == "maxpool":
+        return tf.keras.layers.MaxPooling2D(spec["size"])
+    if kind == "dropout":
+        return tf.keras.layers.Dropout(spec["rate"], seed=seed)
+    if kind == "batchnorm":
+        return tf.keras.layers.BatchNormalization()
+    if kind == "flatten":
+        return tf.keras.layers.Flatten()
+    raise ValueError(f"unknown layer type {kind!r}")  # config validation makes this unreachable
+
+
+def describe_layers(layers: list[dict]) -> str:
+    """One line, e.g. 'conv32k3-relu-maxpool2-...-dense10'."""
+    short = {"conv": lambda s: f"conv{s['filters']}k{s['kernel']}", "dense": lambda s: f"dense{s['units']}",
+             "maxpool": lambda s: f"maxpool{s['size']}", "dropout": lambda s: f"dropout{s['rate']:g}"}
+    parts = [short.get(s["type"], lambda s: s["type"])(s) for s in layers]
+    return "-".join(parts + [f"dense{NUM_CLASSES}"])
+
+
+def flops_per_image(model: tf.keras.Model) -> int:
+    """Multiply-adds x2 of the conv and dense layers for one forward pass (training ~ 3x this)."""
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            _, h, w, c_out = layer.output.shape
+            c_in = layer.input.shape[-1]
+            flops += 2 * h * w * c_out * kh * kw * c_in
+        elif isinstance(layer, tf.keras.layers.Dense):
+            flops += 2 * layer.input.shape[-1] * layer.units
+    return int(flops)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system packages, .venv, pinned Python packages, Horovod built from source.
+# Usage: scripts/setup.sh [run|test]   ("test" also installs Slurm, munge and sshd for the tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+venv=.venv
+stamp=$venv/.setup-$mode
+
+apt_pkgs=(openmpi-bin libopenmpi-dev cmake g++ make dataset-fashion-mnist)
+[ "$mode" = test ] && apt_pkgs+=(slurm-wlm munge openssh-server openssh-client iproute2 procps shellcheck)
+
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing system packages: ${missing[*]}" >&2
+    echo "setup: install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+reqs_hash=$(cat requirements.txt requirements-dev.txt requirements-itex.txt pyproject.toml | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$reqs_hash" ]; then
+  exit 0
+fi
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3.10 python3.9 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(not (3, 9) <= sys.version_info[:2] <= (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+if [ -z "$python" ]; then
+  echo "setup: TensorFlow 2.15 needs Python 3.9-3.11; none found (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+[ -x $venv/bin/python ] || { echo "setup: creating $venv with $python"; "$python" -m venv $venv; }
+pip() { $venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+echo "setup: installing pinned Python packages"
+pip install -r requirements.txt -r requirements-dev.txt
+if $venv/bin/python -m pip show -q intel-extension-for-tensorflow 2>/dev/null; then
+  pip uninstall -y intel-extension-for-tensorflow intel-extension-for-tensorflow-lib  # see requirements-itex.txt
+fi
+if [ ! -f $venv/itex/tensorflow-plugins/libitex_cpu.so ]; then
+  echo "setup: installing Intel Extension for TensorFlow into $venv/itex"
+  pip install --no-deps --target $venv/itex -r requirements-itex.txt
+fi
+
+if ! $venv/bin/python -c 'import horovod.tensorflow' 2>/dev/null; then
+  echo "setup: building horovod 0.28.1 against TensorFlow (takes a few minutes)"
+  pip install cmake==3.29.6 packaging wheel
+  HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+    HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+    $venv/bin/python -m pip install -q --no-build-isolation --no-cache-dir horovod==0.28.1
+fi
+pip install --no-deps -e .
+
+check=$(TF_CPP_MIN_LOG_LEVEL=3 $venv/bin/horovodrun --check-build 2>&1)
+for want in '\[X\] TensorFlow' '\[X\] MPI' '\[X\] Gloo'; do
+  echo "$check" | grep -q "$want" || { echo "$check" >&2; echo "setup: horovod lacks ${want//\\/}" >&2; exit 1; }
+done
+echo "$reqs_hash" > "$stamp"
+echo "setup: done ($mode)"
