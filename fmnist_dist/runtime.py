@@ -123,6 +123,7 @@ class Runtime:
     local_size: int
     host: str
     threads: int
+    hvd_tf: Any = None   # horovod.tensorflow, for object gathers and variable broadcasts
     environment: dict = field(default_factory=dict)
 
 
@@ -130,9 +131,11 @@ def start(cfg: Any) -> Runtime:
     """Import TF and Horovod, init Horovod, size the thread pools, set precision. Canonical order."""
     configure_environment(cfg.intel)
     import tensorflow as tf
+
+    itex = load_itex(cfg.intel.itex)  # before Horovod's library: loading ITEX after it aborts
+    import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
 
-    itex = load_itex(cfg.intel.itex)
     if cfg.intel.mixed_precision == "itex_bf16" and not itex["loaded"]:
         raise SetupError(f"intel.mixed_precision=itex_bf16 needs ITEX, which is not loaded ({itex['reason']})")
     hvd.init()
@@ -144,7 +147,8 @@ def start(cfg: Any) -> Runtime:
     if cfg.intel.mixed_precision == "keras_bf16":
         tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     rt = Runtime(hvd=hvd, rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
-                 local_size=hvd.local_size(), host=socket.gethostname(), threads=threads)
+                 local_size=hvd.local_size(), host=socket.gethostname(), threads=threads,
+                 hvd_tf=hvd_tf)
     rt.environment = detect_environment(tf, hvd, threads, cfg, itex)
     return rt
 

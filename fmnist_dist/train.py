@@ -6,7 +6,6 @@ broadcast of the initial state, metric averaging, output from rank 0 only.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import socket
 import time
@@ -46,8 +45,9 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
 
     tf.keras.utils.set_random_seed(ns.train.seed)              # same on every rank: same init
     from .model import build_model, describe_layers, flops_per_image
+    from .optim import lr_schedule as make_schedule, make_optimizer
     model = build_model(ns.model.layers, ns.train.seed)
-    lr_schedule = WarmupSchedule(ns.train, rt.size, steps)
+    lr_schedule = make_schedule(ns.train, rt.size, steps)
     optimizer = hvd.DistributedOptimizer(make_optimizer(ns.train, lr_schedule))
     model.compile(optimizer=optimizer,
                   loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True,
@@ -56,7 +56,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
     # Broadcast explicitly before the first step (BroadcastGlobalVariablesCallback would do it
     # after the first batch): every rank starts from rank 0's weights, checked by hash below.
     optimizer.build(model.trainable_variables)
-    hvd.broadcast_variables(model.variables, root_rank=0)
+    rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
     weights_sha = weights_digest(model)
 
     world = describe_world(rt, steps * ns.train.batch_size, weights_sha)
@@ -78,7 +78,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
     # Start-up: process start to the first step (interpreter, imports, Horovod, model), data loading excluded.
     startup_s = seconds_since_process_start(t0) + time.perf_counter() - t0 - data_load_s
 
-    callbacks = [hvd.callbacks.MetricAverageCallback(), StepTimer()]
+    timer = make_step_timer(tf)
+    callbacks = [hvd.callbacks.MetricAverageCallback(), timer]
     stop_reason = None
     for epoch in range(1, ns.train.epochs + 1):
         t_epoch = time.perf_counter()
@@ -87,6 +88,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
         batches = make_batches(tf, dataset.x_train[shard], dataset.y_train[shard], ns.train, epoch, rt.rank)
         data_s = time.perf_counter() - t_epoch
 
+        lr = float(lr_schedule(optimizer.iterations))
         t_fit = time.perf_counter()
         history = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, steps_per_epoch=steps,
                             callbacks=callbacks, verbose=0)
@@ -97,11 +99,11 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
         val = evaluate(model, dataset.x_train[val_idx], dataset.y_train[val_idx], rt, ns.train.eval_batch_size)
         eval_s = time.perf_counter() - t_eval
 
-        record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": callbacks[1].step_s,
-                  "fit_s": fit_s, "wait_s": wait_s, "eval_s": eval_s, "steps": callbacks[1].steps,
-                  "samples": callbacks[1].steps * ns.train.batch_size}
-        records = hvd.allgather_object(record)
-        metrics = {"lr": float(lr_schedule(optimizer.iterations)),
+        record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": timer.step_s,
+                  "fit_s": fit_s, "wait_s": wait_s, "eval_s": eval_s, "steps": timer.steps,
+                  "samples": timer.steps * ns.train.batch_size}
+        records = rt.hvd_tf.allgather_object(record)
+        metrics = {"lr": lr,
                    "train_loss": float(history.history["loss"][-1]),
                    "train_accuracy": float(history.history["accuracy"][-1]),
                    "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -146,7 +148,7 @@ def agree(rt: runtime.Runtime, action):
         result = action()
     except (data_mod.DataError, RunDirError) as e:
         error = e
-    failures = [f for f in rt.hvd.allgather_object(None if error is None else (type(error).__name__, str(error))) if f]
+    failures = [f for f in rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error))) if f]
     if error is not None:
         raise error
     if failures:
@@ -172,53 +174,21 @@ def prepare_run_dir(run_dir: str, overwrite: bool, cfg: dict) -> None:
         raise RunDirError(f"{run_dir}: cannot write the run directory: {e.strerror or e}") from None
 
 
-class WarmupSchedule:
-    """Linear warm-up from the one-rank rate to the scaled rate, then constant or cosine decay.
+def make_step_timer(tf):
+    """A callback summing the time inside training steps (compute + allreduce) over an epoch."""
 
-    A callable of the optimizer's step counter, so it survives checkpoints and per-epoch fit calls.
-    """
+    class StepTimer(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.step_s, self.steps = 0.0, 0
 
-    def __init__(self, t, world_size: int, steps_per_epoch: int):
-        scale = {"linear": world_size, "sqrt": math.sqrt(world_size), "none": 1.0}[t.lr_scaling]
-        self.base_lr = t.lr
-        self.peak_lr = t.lr * scale
-        self.warmup_steps = int(round(t.warmup_epochs * steps_per_epoch))
-        self.total_steps = max(1, t.epochs * steps_per_epoch)
-        self.cosine = t.schedule == "cosine"
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = time.perf_counter()
 
-    def __call__(self, step=None):
-        import tensorflow as tf
+        def on_train_batch_end(self, batch, logs=None):
+            self.step_s += time.perf_counter() - self._start
+            self.steps += 1
 
-        step = tf.cast(step, tf.float32)
-        warm = self.base_lr + (self.peak_lr - self.base_lr) * step / max(1, self.warmup_steps)
-        progress = tf.clip_by_value((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
-        decayed = self.peak_lr * 0.5 * (1.0 + tf.cos(math.pi * progress)) if self.cosine else self.peak_lr
-        return tf.where(step < self.warmup_steps, warm, decayed)
-
-
-def make_optimizer(t, lr_schedule: WarmupSchedule):
-    import tensorflow as tf
-
-    schedule = _KerasSchedule(lr_schedule)
-    if t.optimizer == "adam":
-        return tf.keras.optimizers.Adam(schedule)
-    if t.optimizer == "adamw":
-        return tf.keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
-    return tf.keras.optimizers.SGD(schedule, momentum=t.momentum, nesterov=True,
-                                   weight_decay=t.weight_decay or None)
-
-
-def _KerasSchedule(fn: WarmupSchedule):
-    import tensorflow as tf
-
-    class Schedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            return fn(step)
-
-        def get_config(self):
-            return {"base_lr": fn.base_lr, "peak_lr": fn.peak_lr, "warmup_steps": fn.warmup_steps}
-
-    return Schedule()
+    return StepTimer()
 
 
 def make_batches(tf, x: np.ndarray, y: np.ndarray, t, epoch: int, rank: int):
@@ -299,7 +269,7 @@ def describe_world(rt: runtime.Runtime, shard_size: int, weights_sha: str) -> di
     me = {"rank": rt.rank, "host": rt.host, "local_rank": rt.local_rank, "pid": os.getpid(),
           "threads": rt.threads, "cpu_affinity": sorted(os.sched_getaffinity(0)),
           "shard_size": shard_size, "initial_weights_sha256": weights_sha}
-    ranks = sorted(rt.hvd.allgather_object(me), key=lambda r: r["rank"])
+    ranks = sorted(rt.hvd_tf.allgather_object(me), key=lambda r: r["rank"])
     hosts: dict[str, list[int]] = {}
     for r in ranks:
         hosts.setdefault(r["host"], []).append(r["rank"])
