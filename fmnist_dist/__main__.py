@@ -17,19 +17,24 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, report_mod.ReportError) as e:
         return fail(str(e))
     except Exception as e:
+        from .checkpoint import CheckpointError
         from .data import DataError
         from .runtime import SetupError
         from .train import RunDirError
 
-        if isinstance(e, (DataError, RunDirError, SetupError)):
+        if isinstance(e, (DataError, RunDirError, SetupError, CheckpointError)):
             return fail(str(e))
         raise
 
 
-def fail(message: str) -> int:
+def rank_zero() -> bool:
     from .runtime import launcher_rank
 
-    if launcher_rank() == 0:  # every rank hits the same error; one line is enough
+    return launcher_rank() == 0
+
+
+def fail(message: str) -> int:
+    if rank_zero():  # every rank hits the same error; one line is enough
         print(f"fmnist-dist: error: {message}", file=sys.stderr, flush=True)
     return 2
 
@@ -46,13 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set train.epochs=5 (repeatable; YAML scalar syntax)")
     p.add_argument("--run-dir", help="where rank 0 writes the report (default runs/<time>-<config>-<host>)")
     p.add_argument("--data-dir", help="directory holding the Fashion-MNIST IDX files (same as data.dir)")
-    p.add_argument("--overwrite", action="store_true", help="replace the report of a run already in --run-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard a run already in --run-dir (report and checkpoints) and start afresh")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the unfinished run in RUN_DIR from its newest checkpoint, with its "
+                   "config.yaml (plus --set overrides that do not change the model, data or seed). "
+                   "A run directory holding a checkpoint is also resumed without this flag")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="print a finished run's report again",
-                       description="Print the summary of a run directory written by `train`.")
-    p.add_argument("run_dir", help="a run directory (or its report.json)")
-    p.add_argument("--format", choices=("text", "md", "json"), default="text")
+    p = sub.add_parser("report", help="print a run's report again, or compare several runs",
+                       description="One run directory: its summary. Several (or a glob such as 'runs/*'): "
+                       "a comparison table with speedup and parallel efficiency per recipe. Optionally "
+                       "plots (--plots DIR) and projected scaling to more nodes (--project).")
+    from .compare import add_report_arguments  # report/compare/projection options live in compare.py
+    add_report_arguments(p)
     p.set_defaults(func=cmd_report)
 
     from .launch import add_launch_parser  # `launch-plan`: used by jobs/train.pbs and jobs/train.slurm
@@ -62,12 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-    cfg = config_mod.load(args.config, overrides)          # validated before any work
+    if args.resume and args.run_dir and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+        raise config_mod.ConfigError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs")
+    config_path = args.config or (os.path.join(args.resume, "config.yaml") if args.resume else None)
+    cfg = config_mod.load(config_path, overrides)          # validated before any work
 
-    from .train import default_run_dir, train
+    from .train import EXIT_PREEMPTED, Preempted, default_run_dir, train
 
-    run_dir = args.run_dir or default_run_dir(args.config)
-    report = train(cfg, run_dir, overwrite=args.overwrite)
+    run_dir = args.resume or args.run_dir or default_run_dir(args.config)
+    try:
+        report = train(cfg, run_dir, overwrite=args.overwrite, resume=bool(args.resume))
+    except Preempted as stop:
+        if rank_zero():
+            print(f"fmnist-dist: preempted: {stop.reason}; checkpoint and partial report in {stop.run_dir}; "
+                  f"resume with: fmnist-dist train --resume {stop.run_dir} (exit {EXIT_PREEMPTED})",
+                  file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if report is not None:  # rank 0
         print("\n".join(report_mod.summary_lines(report)))
         print(f"  report: {os.path.join(run_dir, 'report.md')} (also report.json, epochs.csv, config.yaml)")
@@ -75,15 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = report_mod.load_report(args.run_dir)
-    if args.format == "json":
-        import json
-        print(json.dumps(report, indent=2))
-    elif args.format == "md":
-        print(report_mod.render_markdown(report))
-    else:
-        print("\n".join(report_mod.summary_lines(report)))
-    return 0
+    from .compare import cmd_report as report_command  # one run: summary; several: comparison
+
+    return report_command(args)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ SCHEMA: dict[str, Field] = {
                       "base URL for data.download"),
     "data.cache_dir": Field(None, str, "where downloads go (default ~/.cache/fmnist-dist)", nullable=True),
     "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
-                           min=0, max=50000),
+                           min=100, max=50000),
     "model.layers": Field(DEFAULT_LAYERS, list, "layer list; a Dense(10) classifier is appended"),
     "train.epochs": Field(12, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
@@ -78,6 +78,14 @@ SCHEMA: dict[str, Field] = {
     "train.target_accuracy": Field(None, float, "stop once validation accuracy reaches this",
                                    min=0.0, max=1.0, nullable=True),
     "train.seed": Field(42, int, "seed for weights, split and shuffling", min=0),
+    "train.time_limit": Field(None, float, "seconds after the process started at which training stops "
+                              "cleanly (checkpoint, partial report, exit 75); set it below the walltime",
+                              min=1.0, nullable=True),
+    "train.stop_check_steps": Field(10, int, "every N steps the ranks agree whether to stop (signal, time "
+                                    "limit); a small allreduce", min=1),
+    "checkpoint.every_steps": Field(0, int, "also checkpoint every N steps inside an epoch; 0 = at epoch ends",
+                                    min=0),
+    "checkpoint.keep": Field(3, int, "checkpoints kept in RUN_DIR/checkpoints", min=1),
     "intel.onednn": Field(True, bool, "oneDNN kernels in TensorFlow (TF_ENABLE_ONEDNN_OPTS)"),
     "intel.itex": Field("auto", str, "Intel Extension for TensorFlow: auto uses it when it loads",
                         choices=("auto", "on", "off")),
@@ -87,7 +95,12 @@ SCHEMA: dict[str, Field] = {
     "intel.inter_op_threads": Field(1, int, "TensorFlow inter-op threads per rank", min=1),
     "intel.kmp_affinity": Field("granularity=fine,compact,1,0", str, "KMP_AFFINITY for OpenMP runtimes"),
     "intel.kmp_blocktime": Field(1, int, "KMP_BLOCKTIME in ms", min=0),
-    "run.log_every_steps": Field(0, int, "rank 0 prints progress every N steps; 0 = per epoch", min=0),
+    "report.timeline": Field(False, bool, "record Horovod's timeline (one file per epoch in RUN_DIR/timeline) "
+                             "and split compute from communication with it; costs some speed. Off: the "
+                             "split is estimated from a short allreduce probe at start-up"),
+    "report.plots": Field(True, bool, "rank 0 writes PNG plots (accuracy/loss, images/s, time per rank) "
+                          "into the run directory at the end"),
+    "report.tensorboard": Field(True, bool, "rank 0 writes TensorBoard scalars into RUN_DIR/tensorboard"),
 }
 
 
@@ -132,7 +145,7 @@ def _read_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, intel, run), "
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, intel, checkpoint, report), "
                           f"got {type(data).__name__}")
     return data
 

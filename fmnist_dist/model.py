@@ -35,12 +35,40 @@ def _make_layer(spec: dict, seed: int) -> tf.keras.layers.Layer:
     if kind == "maxpool":
         return tf.keras.layers.MaxPooling2D(spec["size"])
     if kind == "dropout":
-        return tf.keras.layers.Dropout(spec["rate"], seed=seed)
+        return StepDropout(spec["rate"], seed=seed)
     if kind == "batchnorm":
         return tf.keras.layers.BatchNormalization()
     if kind == "flatten":
         return tf.keras.layers.Flatten()
     raise ValueError(f"unknown layer type {kind!r}")  # config validation makes this unreachable
+
+
+@tf.keras.utils.register_keras_serializable("fmnist_dist")
+class StepDropout(tf.keras.layers.Layer):
+    """Dropout whose masks are a pure function of (seed, call count).
+
+    Keras' seeded Dropout keeps its random state inside the kernel, where no checkpoint sees it, so
+    a resumed run would draw other masks than an uninterrupted one. Here the count is a variable:
+    checkpointed, broadcast, and so a resumed run continues the same sequence.
+    """
+
+    def __init__(self, rate: float, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.seed = rate, seed
+
+    def build(self, input_shape):
+        self.calls = self.add_weight(name="calls", shape=(), dtype=tf.int64, trainable=False,
+                                     initializer="zeros")
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0:
+            return inputs
+        self.calls.assign_add(1)
+        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed=tf.stack(
+            [tf.constant(self.seed, tf.int64), self.calls]))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 def describe_layers(layers: list[dict]) -> str:

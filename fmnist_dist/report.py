@@ -5,17 +5,30 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
   started, finished, command, config (fully resolved),
   environment (detected at run time: versions, ITEX/oneDNN/bf16 state, CPU flags, threads),
   world {size, hosts {host: [ranks]}, ranks [{rank, host, local_rank, pid, threads,
-         shard_size, initial_weights_sha256}]},
+         shard_size, epoch1_shard_sha256 (of the rank's epoch-1 training indices as int64),
+         initial_weights_sha256}]},
   data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank,
         global_batch_size},
   model {layers, description, parameters, batch_norm, flops_per_image},
   epochs [{epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, training_s,
            evaluation_s, images_per_s, ranks [{rank, host, data_s, step_s, fit_s, wait_s,
-           eval_s, steps, samples}]}],
+           eval_s, steps, samples,
+           compute_s, comm_s, comm_method (probe|timeline|single), tracing_s, other_s
+           (fit_s - step_s + tracing_s), step_median_s, step_spread, checkpoint_s,
+           negotiate_s (timeline only); compute_s + comm_s + tracing_s = step_s}]}],
   timing {startup_s, data_load_s, training_s, evaluation_s, total_s, time_to_target_s,
           images_per_s, images_per_s_per_rank {rank: x}, imbalance, per_host {host: {...}}},
   results {val_accuracy, val_loss, test_accuracy, test_loss, test_correct, test_total,
-           target_accuracy, target_reached_epoch}
+           target_accuracy, target_reached_epoch},
+  breakdown (added in place, schema still 1; absent in older reports — readers fall back to
+           the per-epoch fields) {method (probe|timeline|single|mixed), method_detail,
+           timeline {mode (per-epoch|whole-run), files} or null, categories [...],
+           probe {tensors, gradient_bytes, calls, warmup, ranks, seconds_per_call,
+                  seconds_per_call_ranks {rank: s}, spread (interquartile range / median),
+                  sizes [{bytes, seconds}], fit {latency_s, bandwidth_Bps, r2, model} or null,
+                  probe_s, skipped (1 rank only)},
+           ranks [{rank, host, startup_s, data_s, compute_s, comm_s, wait_s, other_s, eval_s,
+                   checkpoint_s, total_s, steps, samples}] (totals over epochs; see timing.py)}
 All times are seconds of wall-clock time; "training" excludes evaluation and start-up.
 """
 from __future__ import annotations
@@ -138,17 +151,19 @@ def load_report(run_dir: str) -> dict:
 EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                  "training_s", "evaluation_s", "images_per_s")
 RANK_COLUMNS = ("data_s", "step_s", "fit_s", "wait_s", "eval_s", "samples")
+# The split of step_s (timing.py); empty cells for reports written before it existed.
+SPLIT_COLUMNS = ("compute_s", "comm_s", "comm_method", "other_s", "checkpoint_s")
 
 
 def epochs_csv(report: dict) -> str:
     """One row per epoch and rank: the epoch's metrics, then that rank's timings."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(EPOCH_COLUMNS + ("rank", "host") + RANK_COLUMNS)
+    writer.writerow(EPOCH_COLUMNS + ("rank", "host") + RANK_COLUMNS + SPLIT_COLUMNS)
     for e in report["epochs"]:
         for r in e["ranks"]:
             writer.writerow([_cell(e.get(c)) for c in EPOCH_COLUMNS] + [r["rank"], r["host"]]
-                            + [_cell(r.get(c)) for c in RANK_COLUMNS])
+                            + [_cell(r.get(c)) for c in RANK_COLUMNS + SPLIT_COLUMNS])
     return out.getvalue()
 
 
@@ -187,6 +202,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"  target {_pct(res['target_accuracy'])}: "
                      + (f"reached in {_secs(t['time_to_target_s'])} (epoch {res['target_reached_epoch']})"
                         if t.get("time_to_target_s") is not None else "not reached"))
+    from .timing import share_line  # where the time went, in one line
+    share = share_line(report)
+    if share:
+        lines.append(share)
     return lines
 
 
@@ -218,4 +237,6 @@ def render_markdown(report: dict) -> str:
                      f"{total['wait_s']:.2f} | {total['eval_s']:.2f} | {ips:.0f} |")
     lines += ["", "data s: building the epoch's shard; step s: inside training steps (compute and allreduce); "
               "fit s: the whole Keras fit call; wait s: waiting for the slowest rank at the epoch's end.", ""]
+    from .timing import breakdown_lines  # where the time went (compute vs communication), issue 7
+    lines += breakdown_lines(report)
     return "\n".join(lines)

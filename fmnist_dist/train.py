@@ -6,28 +6,67 @@ broadcast of the initial state, metric averaging, output from rank 0 only.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import signal
 import socket
 import time
 from datetime import datetime, timezone
 
 import numpy as np
 
+from . import checkpoint
 from . import config as config_mod
 from . import data as data_mod
 from . import report as report_mod
 from . import runtime
+from . import timing as timing_mod
+
+
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: stopped cleanly and checkpointed; requeue to resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Changing these between segments would silently make a different experiment.
+RESUME_INCOMPATIBLE = ("model.layers", "data.val_size", "train.seed", "train.batch_size", "train.optimizer",
+                       "intel.mixed_precision")
 
 
 class RunDirError(Exception):
     """The run directory cannot be used (holds a finished run, not writable, ...)."""
 
 
-def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
+class Preempted(Exception):
+    """Training stopped cleanly (signal or time limit) after writing a checkpoint."""
+
+    def __init__(self, reason: str, run_dir: str):
+        super().__init__(reason)
+        self.reason, self.run_dir = reason, run_dir
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (scheduler pre-emption, walltime warning); read at step boundaries."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    @classmethod
+    def install(cls) -> "StopFlag":
+        flag = cls()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, flag._handle)
+        return flag
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False) -> dict | None:
     """Train with the resolved config; rank 0 writes into run_dir and returns the final report
-    (other ranks return None)."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (other ranks return None). Raises Preempted after a clean, checkpointed stop."""
+    started = now_iso()
+    stop = StopFlag.install()                                 # SIGTERM/SIGUSR1 from here on
     ns = config_mod.namespace(cfg)
+    timing_mod.prepare_environment(ns)                        # [timing] HOROVOD_TIMELINE if report.timeline
     rt = runtime.start(ns)                                    # hvd.init + threads + precision
     import tensorflow as tf
     hvd = rt.hvd
@@ -35,87 +74,168 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
     t0 = time.perf_counter()
     dataset = agree(rt, lambda: data_mod.load_fashion_mnist(
         ns.data.dir, ns.data.download, ns.data.cache_dir, ns.data.url, progress=rt.rank == 0))
-    agree(rt, lambda: prepare_run_dir(run_dir, overwrite, cfg) if rt.rank == 0 else None)
+    resuming = agree(rt, lambda: prepare_run_dir(run_dir, overwrite, resume, cfg) if rt.rank == 0 else None)
+    resuming = rt.hvd_tf.broadcast_object(resuming, root_rank=0)
     data_load_s = time.perf_counter() - t0
 
+    batch, world = ns.train.batch_size, rt.size
     train_idx, val_idx = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, ns.train.seed)
-    steps = data_mod.steps_per_epoch(len(train_idx), rt.size, ns.train.batch_size)
+    steps = data_mod.steps_per_epoch(len(train_idx), world, batch)
     if ns.train.steps_per_epoch:
         steps = min(steps, ns.train.steps_per_epoch)
+    epoch_samples = steps * world * batch                     # examples one epoch consumes, all ranks
 
     tf.keras.utils.set_random_seed(ns.train.seed)              # same on every rank: same init
     from .model import build_model, describe_layers, flops_per_image
     from .optim import lr_schedule as make_schedule, make_optimizer
     model = build_model(ns.model.layers, ns.train.seed)
-    lr_schedule = make_schedule(ns.train, rt.size, steps)
+    lr_schedule = make_schedule(ns.train, world, steps)
     optimizer = hvd.DistributedOptimizer(make_optimizer(ns.train, lr_schedule))
     model.compile(optimizer=optimizer,
                   loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True,
                                                                label_smoothing=ns.train.label_smoothing),
                   metrics=["accuracy"])
+    optimizer.build(model.trainable_variables)
+    state = {"epoch": 1, "position": 0, "samples_done": 0, "partial": None, "train_metrics": None,
+             "epochs": [], "segments": []}
+    resumed_from = None
+    if resuming:
+        state, resumed_from = agree(rt, lambda: restore(run_dir, model, optimizer, cfg) if rt.rank == 0 else (None, None))
+        state, resumed_from = rt.hvd_tf.broadcast_object((state, resumed_from), root_rank=0)
+        # The schedule counts steps of this world size: continue from the examples already seen.
+        optimizer.iterations.assign(state["samples_done"] // (world * batch))
+        for earlier in state["segments"]:
+            if earlier["end"] == "running":                  # it died without a clean stop
+                earlier["end"] = "interrupted"
     # Broadcast explicitly before the first step (BroadcastGlobalVariablesCallback would do it
     # after the first batch): every rank starts from rank 0's weights, checked by hash below.
-    optimizer.build(model.trainable_variables)
     rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
     weights_sha = weights_digest(model)
 
-    world = describe_world(rt, steps * ns.train.batch_size, weights_sha)
+    first_shard = data_mod.epoch_shard(train_idx, 1, ns.train.seed, rt.rank, world, batch, max_steps=steps)
+    world_info = describe_world(rt, steps * batch, weights_sha, index_digest(first_shard))
+    segment = {"segment": len(state["segments"]) + 1, "started": started, "world_size": world,
+               "hosts": sorted(world_info["hosts"]), "resumed_from": resumed_from,
+               "start_epoch": state["epoch"], "start_position": state["position"],
+               "peak_lr": lr_schedule.peak_lr, "training_s": 0.0, "ended": None, "end": "running"}
+    if resumed_from and state["segments"] and state["segments"][-1]["world_size"] != world:
+        segment["note"] = (f"resumed on {world} ranks (was {state['segments'][-1]['world_size']}): "
+                           f"data re-sharded, learning rate rescaled to {lr_schedule.peak_lr:g}")
     report = {
         "schema": report_mod.SCHEMA, "schema_version": report_mod.SCHEMA_VERSION,
         "run_id": os.path.basename(os.path.abspath(run_dir)), "status": "running", "error": None,
-        "started": started, "finished": None, "config": cfg, "environment": rt.environment,
-        "world": world,
+        "started": state["segments"][0]["started"] if state["segments"] else started, "finished": None,
+        "config": cfg, "environment": rt.environment, "world": world_info,
         "data": {"source": dataset.source, "train_size": len(train_idx), "val_size": len(val_idx),
                  "test_size": len(dataset.y_test), "steps_per_epoch": steps,
-                 "batch_size_per_rank": ns.train.batch_size,
-                 "global_batch_size": ns.train.batch_size * rt.size},
+                 "batch_size_per_rank": batch, "global_batch_size": batch * world},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
                   "batch_norm": any(layer["type"] == "batchnorm" for layer in ns.model.layers),
                   "flops_per_image": flops_per_image(model)},
-        "epochs": [], "timing": {}, "results": {},
+        "segments": state["segments"] + [segment], "epochs": state["epochs"], "timing": {}, "results": {},
     }
+    if rt.rank == 0 and resumed_from:
+        print(f"resuming from {resumed_from}: epoch {state['epoch']}, example {state['position']} of the epoch"
+              + (f"; {segment['note']}" if "note" in segment else ""), flush=True)
     # Start-up: process start to the first step (interpreter, imports, Horovod, model), data loading excluded.
     startup_s = seconds_since_process_start(t0) + time.perf_counter() - t0 - data_load_s
 
+    tm = timing_mod.start(rt, model, ns, run_dir, startup_s)  # [timing] allreduce probe (collective)
     timer = make_step_timer(tf)
-    callbacks = [hvd.callbacks.MetricAverageCallback(), timer]
+    control = make_step_control(tf, rt, stop, ns.train.stop_check_steps, ns.train.time_limit,
+                                ns.checkpoint.every_steps)
+    callbacks = [hvd.callbacks.MetricAverageCallback(), timer, control, *tm.callbacks()]  # [timing] epoch windows
+    target = ns.train.target_accuracy
     stop_reason = None
-    for epoch in range(1, ns.train.epochs + 1):
-        t_epoch = time.perf_counter()
-        shard = data_mod.epoch_shard(train_idx, epoch, ns.train.seed, rt.rank, rt.size, ns.train.batch_size)
-        shard = shard[: steps * ns.train.batch_size]
-        batches = make_batches(tf, dataset.x_train[shard], dataset.y_train[shard], ns.train, epoch, rt.rank)
-        data_s = time.perf_counter() - t_epoch
 
-        lr = float(lr_schedule(optimizer.iterations))
+    def checkpoint_and_report(status: str) -> None:
+        """Rank 0 writes the checkpoint, then the report; every rank learns if it failed."""
+        def write():
+            if rt.rank != 0:
+                return
+            saved = {**state, "epochs": report["epochs"], "segments": report["segments"],
+                     "config": cfg, "world_size": world}
+            checkpoint.save(run_dir, model, optimizer, saved, ns.checkpoint.keep)
+            report["status"] = status
+            finish_timing(report, startup_s, data_load_s, target)
+            report_mod.write_report(run_dir, report)
+        agree(rt, write)
+
+    def fit_chunk(state: dict, epoch: int):
+        """Train from state's position to the epoch's end, or until a stop or checkpoint is due;
+        state records where it got to and what it took."""
+        start, steps_left = state["position"], (epoch_samples - state["position"]) // (world * batch)
+        t_data = time.perf_counter()
+        shard = data_mod.epoch_shard(train_idx, epoch, ns.train.seed, rt.rank, world, batch,
+                                     start=start, max_steps=steps_left)
+        batches = make_batches(tf, dataset.x_train[shard], dataset.y_train[shard], ns.train, epoch,
+                               rt.rank, first_batch=start // (world * batch))
+        data_s = time.perf_counter() - t_data
         t_fit = time.perf_counter()
-        history = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, steps_per_epoch=steps,
+        history = model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, steps_per_epoch=steps_left,
                             callbacks=callbacks, verbose=0)
         fit_s = time.perf_counter() - t_fit
         wait_s = barrier(hvd)
+        state["position"] += timer.steps * world * batch
+        state["samples_done"] += timer.steps * world * batch
+        segment["training_s"] += data_s + fit_s + wait_s
+        record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": timer.step_s, "fit_s": fit_s,
+                  "wait_s": wait_s, "eval_s": 0.0, "steps": timer.steps, "samples": timer.steps * batch}
+        state["partial"] = merge_records(state["partial"], rt.hvd_tf.allgather_object(record))
+        state["train_metrics"] = {k: float(history.history[k][-1]) for k in ("loss", "accuracy")}
 
-        t_eval = time.perf_counter()
-        val = evaluate(model, dataset.x_train[val_idx], dataset.y_train[val_idx], rt, ns.train.eval_batch_size)
-        eval_s = time.perf_counter() - t_eval
+    try:
+        for epoch in range(state["epoch"], ns.train.epochs + 1):
+            if epoch != state["epoch"]:
+                state.update(epoch=epoch, position=0, partial=None)
+            lr = float(lr_schedule(optimizer.iterations))
+            while state["position"] < epoch_samples and not stop_reason:   # one fit per chunk
+                fit_chunk(state, epoch)
+                if control.stop_reason:
+                    stop_reason = control.stop_reason
+                elif control.checkpoint_due and state["position"] < epoch_samples:
+                    checkpoint_and_report("running")                        # mid-epoch checkpoint
+            if stop_reason and state["position"] < epoch_samples:           # stopped inside the epoch
+                break
 
-        record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": timer.step_s,
-                  "fit_s": fit_s, "wait_s": wait_s, "eval_s": eval_s, "steps": timer.steps,
-                  "samples": timer.steps * ns.train.batch_size}
-        records = rt.hvd_tf.allgather_object(record)
-        metrics = {"lr": lr,
-                   "train_loss": float(history.history["loss"][-1]),
-                   "train_accuracy": float(history.history["accuracy"][-1]),
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            t_eval = time.perf_counter()
+            val = evaluate(model, dataset.x_train[val_idx], dataset.y_train[val_idx], rt, ns.train.eval_batch_size)
+            eval_s = time.perf_counter() - t_eval
+            records = merge_records(state["partial"], rt.hvd_tf.allgather_object({"rank": rt.rank, "eval_s": eval_s}))
+            metrics = {"lr": lr,
+                       "train_loss": state["train_metrics"]["loss"],
+                       "train_accuracy": state["train_metrics"]["accuracy"],
+                       "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            state.update(epoch=epoch + 1, position=0, partial=None)
+            if rt.rank == 0:
+                report["epochs"] = [e for e in report["epochs"] if e["epoch"] != epoch]
+                report["epochs"].append(report_mod.epoch_summary(epoch, tm.split(epoch, records), metrics))  # [timing]
+                finish_timing(report, startup_s, data_load_s, target)
+                tm.after_epoch(report)                            # [timing] breakdown + TensorBoard
+                print(epoch_line(report["epochs"][-1], ns.train.epochs), flush=True)
+            state["epochs"] = report["epochs"]
+            if target is not None and val["accuracy"] >= target:   # identical on every rank (allreduced)
+                stop_reason = f"validation accuracy {val['accuracy']:.4f} reached target {target}"
+                break
+            stop_reason = stop_reason or agreed_stop(rt, stop, ns.train.time_limit)
+            checkpoint_and_report("running")
+            if stop_reason:
+                break
+    except (checkpoint.CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as e:
         if rt.rank == 0:
-            report["epochs"].append(report_mod.epoch_summary(epoch, records, metrics))
-            finish_timing(report, startup_s, data_load_s, ns.train.target_accuracy)
+            report.update(status="failed", error=f"{type(e).__name__}: {e}", finished=now_iso())
+            segment.update(end="failed", ended=now_iso())
             report_mod.write_report(run_dir, report)
-            print(epoch_line(report["epochs"][-1], ns.train.epochs), flush=True)
-        target = ns.train.target_accuracy
-        if target is not None and val["accuracy"] >= target:   # identical on every rank (allreduced)
-            stop_reason = f"validation accuracy {val['accuracy']:.4f} reached target {target}"
-            break
+        raise
+
+    if stop_reason and not stop_reason.startswith("validation accuracy"):
+        segment.update(end="preempted", ended=now_iso(), reason=stop_reason)
+        report["stopped"] = stop_reason
+        checkpoint_and_report("preempted")
+        raise Preempted(stop_reason, run_dir)
 
     t_test = time.perf_counter()
     test = evaluate(model, dataset.x_test, dataset.y_test, rt, ns.train.eval_batch_size)
@@ -126,52 +246,147 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False) -> dict | None:
             "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
             "test_accuracy": test["accuracy"], "test_loss": test["loss"],
             "test_correct": test["correct"], "test_total": test["total"],
-            "target_accuracy": ns.train.target_accuracy,
+            "target_accuracy": target,
             "target_reached_epoch": next((e["epoch"] for e in report["epochs"]
                                           if target is not None and e["val_accuracy"] >= target), None),
             "stopped_early": stop_reason,
         }
-        finish_timing(report, startup_s, data_load_s, ns.train.target_accuracy, test_eval_s)
-        report["status"] = "completed"
-        report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        finish_timing(report, startup_s, data_load_s, target, test_eval_s)
+        segment.update(end="completed", ended=now_iso())
+        report.update(status="completed", finished=now_iso())
+        timing_mod.finish(tm, report)                         # [timing] final split, TensorBoard, plots
         report_mod.write_report(run_dir, report)
         return report
     return None
 
 
+AGREED_ERRORS = (data_mod.DataError, RunDirError, checkpoint.CheckpointError)
+
+
 def agree(rt: runtime.Runtime, action):
     """Run action on this rank; if it fails on any rank, raise on every rank (no rank is left
     waiting in a collective for one that already gave up)."""
-    error = None
-    result = None
+    error = result = None
     try:
         result = action()
-    except (data_mod.DataError, RunDirError) as e:
+    except AGREED_ERRORS as e:
         error = e
-    failures = [f for f in rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error))) if f]
+    failures = rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error)))
+    failures = [f for f in failures if f]
     if error is not None:
         raise error
     if failures:
         kind, message = failures[0]
-        raise (data_mod.DataError if kind == "DataError" else RunDirError)(message)
+        raise {cls.__name__: cls for cls in AGREED_ERRORS}[kind](message)
     return result
 
 
-def prepare_run_dir(run_dir: str, overwrite: bool, cfg: dict) -> None:
-    """Create the run directory and save the resolved config; refuse a directory that already
-    holds a run unless overwrite."""
-    existing = os.path.join(run_dir, "report.json")
-    if os.path.exists(existing) and not overwrite:
-        raise RunDirError(f"{run_dir}: already holds a run ({existing}); choose another --run-dir, "
-                          f"or pass --overwrite to replace it")
+def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool, cfg: dict) -> bool:
+    """Make run_dir ready; returns True when the run continues from its checkpoint.
+
+    A finished run is refused unless overwrite. An unfinished run with a checkpoint is resumed (also
+    without --resume: that is how a requeued job continues). An earlier attempt that never wrote a
+    checkpoint keeps its report under report.attempt-N.json."""
+    report_path = os.path.join(run_dir, "report.json")
+    status = _report_status(report_path)
+    has_checkpoint = bool(checkpoint.list_checkpoints(run_dir))
     try:
+        if overwrite:
+            for name in report_mod.REPORT_FILES:
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.unlink(os.path.join(run_dir, name))
+            shutil.rmtree(checkpoint.checkpoint_root(run_dir), ignore_errors=True)
+            status, has_checkpoint = None, False
+        elif status == "completed":
+            raise RunDirError(f"{run_dir}: already holds a finished run ({report_path}); choose another "
+                              f"--run-dir, or pass --overwrite to replace it")
+        elif resume and not has_checkpoint:
+            raise RunDirError(f"{run_dir}: nothing to resume: no checkpoint in {checkpoint.checkpoint_root(run_dir)}")
+        elif status is not None and not has_checkpoint:
+            attempt = 1
+            while os.path.exists(os.path.join(run_dir, f"report.attempt-{attempt}.json")):
+                attempt += 1
+            os.replace(report_path, os.path.join(run_dir, f"report.attempt-{attempt}.json"))
         os.makedirs(run_dir, exist_ok=True)
-        for name in report_mod.REPORT_FILES:
-            if overwrite and os.path.exists(os.path.join(run_dir, name)):
-                os.unlink(os.path.join(run_dir, name))
         report_mod.atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
     except OSError as e:
         raise RunDirError(f"{run_dir}: cannot write the run directory: {e.strerror or e}") from None
+    return has_checkpoint
+
+
+def _report_status(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("status", "unknown")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def restore(run_dir: str, model, optimizer, cfg: dict) -> tuple[dict, str]:
+    """Load the newest usable checkpoint (rank 0) after checking the config still fits it."""
+    state, path = checkpoint.load_latest(run_dir, model, optimizer)
+    saved, current = _flat(state["config"]), _flat(cfg)
+    changed = [k for k in RESUME_INCOMPATIBLE if saved.get(k) != current.get(k)]
+    if changed:
+        details = "; ".join(f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}" for k in changed)
+        raise RunDirError(f"{run_dir}: cannot resume with a changed {', '.join(changed)} ({details}); "
+                          f"start a new --run-dir instead")
+    keep = ("epoch", "position", "samples_done", "partial", "train_metrics", "epochs", "segments")
+    return {k: state[k] for k in keep}, path
+
+
+def _flat(cfg: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in cfg.items() for key, value in values.items()}
+
+
+def merge_records(earlier: list[dict] | None, later: list[dict]) -> list[dict]:
+    """Per-rank records of one epoch added up across chunks (and across segments after a resume)."""
+    merged = {r["rank"]: dict(r) for r in earlier or []}
+    for r in later:
+        into = merged.setdefault(r["rank"], {})
+        for key, value in r.items():
+            if key in ("rank", "host"):
+                into[key] = value
+            else:
+                into[key] = into.get(key, 0) + value
+    return [merged[k] for k in sorted(merged)]
+
+
+def agreed_stop(rt: runtime.Runtime, stop: StopFlag, time_limit: float | None) -> str | None:
+    """Whether any rank got a stop signal or passed the time limit; the same answer on every rank."""
+    import tensorflow as tf
+
+    over_time = time_limit is not None and seconds_since_process_start(time.perf_counter()) >= time_limit
+    flags = rt.hvd_tf.allreduce(tf.constant([float(stop.signal is not None), float(over_time)]),
+                                op=rt.hvd_tf.Max, name="stop_flags").numpy()
+    if flags[0]:
+        return f"stop signal ({stop.signal or 'received by another rank'})"
+    if flags[1]:
+        return f"time limit of {time_limit:g} s reached"
+    return None
+
+
+def make_step_control(tf, rt: runtime.Runtime, stop: StopFlag, check_every: int, time_limit: float | None,
+                      checkpoint_every: int):
+    """A callback that ends fit at a step boundary when the ranks agree to stop, or when a
+    mid-epoch checkpoint is due (every checkpoint_every steps; 0 = only at epoch ends)."""
+
+    class StepControl(tf.keras.callbacks.Callback):
+        stop_reason: str | None = None
+        checkpoint_due = False
+        global_steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.global_steps += 1
+            self.checkpoint_due = bool(checkpoint_every) and self.global_steps % checkpoint_every == 0
+            if self.global_steps % check_every == 0:
+                self.stop_reason = agreed_stop(rt, stop, time_limit)
+            if self.stop_reason or self.checkpoint_due:
+                self.model.stop_training = True
+
+    return StepControl()
 
 
 def make_step_timer(tf):
@@ -191,7 +406,7 @@ def make_step_timer(tf):
     return StepTimer()
 
 
-def make_batches(tf, x: np.ndarray, y: np.ndarray, t, epoch: int, rank: int):
+def make_batches(tf, x: np.ndarray, y: np.ndarray, t, epoch: int, rank: int, first_batch: int = 0):
     """This rank's epoch as batches: uint8 -> float in [0, 1], one-hot labels, optional
     flips/shifts drawn from a seed of (seed, epoch, rank, batch) so a run is reproducible."""
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(t.batch_size, drop_remainder=True).enumerate()
@@ -199,7 +414,7 @@ def make_batches(tf, x: np.ndarray, y: np.ndarray, t, epoch: int, rank: int):
     def prepare(i, batch):
         images, labels = batch
         images = tf.cast(images[..., None], tf.float32) / 255.0
-        seed = tf.stack([tf.cast(t.seed * 1_000_003 + epoch * 1009 + rank, tf.int64), i])
+        seed = tf.stack([tf.cast(t.seed * 1_000_003 + epoch * 1009 + rank, tf.int64), i + first_batch])
         if t.augment_flip:
             images = tf.image.stateless_random_flip_left_right(images, seed)
         if t.augment_shift:
@@ -265,10 +480,16 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def describe_world(rt: runtime.Runtime, shard_size: int, weights_sha: str) -> dict:
+def index_digest(indices: np.ndarray) -> str:
+    """SHA-256 of an index array as int64: lets a reader re-derive and check a rank's shard."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def describe_world(rt: runtime.Runtime, shard_size: int, weights_sha: str, shard_sha: str) -> dict:
     me = {"rank": rt.rank, "host": rt.host, "local_rank": rt.local_rank, "pid": os.getpid(),
           "threads": rt.threads, "cpu_affinity": sorted(os.sched_getaffinity(0)),
-          "shard_size": shard_size, "initial_weights_sha256": weights_sha}
+          "shard_size": shard_size, "epoch1_shard_sha256": shard_sha,
+          "initial_weights_sha256": weights_sha}
     ranks = sorted(rt.hvd_tf.allgather_object(me), key=lambda r: r["rank"])
     hosts: dict[str, list[int]] = {}
     for r in ranks:
@@ -301,6 +522,10 @@ def seconds_since_process_start(now_perf: float) -> float:
         return max(0.0, ran - (time.perf_counter() - now_perf))
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def default_run_dir(config_path: str | None) -> str:

@@ -28,9 +28,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 reqs_hash=$(cat requirements.txt requirements-dev.txt requirements-itex.txt pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$reqs_hash" ]; then
-  exit 0
-fi
+for done_stamp in "$stamp" $venv/.setup-test; do  # a test set-up includes the run set-up
+  if [ -f "$done_stamp" ] && [ "$(cat "$done_stamp")" = "$reqs_hash" ]; then
+    exit 0
+  fi
+done
 
 python=${PYTHON:-}
 if [ -z "$python" ]; then

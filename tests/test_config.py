@@ -59,7 +59,7 @@ def test_missing_file():
     ("train.batchsize=64", "--set train.batchsize=64: train.batchsize: unknown key (did you mean train.batch_size?)"),
     ("train.epochs", "--set train.epochs: expected dotted.key=value"),
     ("train.epochs=[1", "--set train.epochs=[1: value is not a YAML scalar"),
-    ("data.val_size=60000", "data.val_size: got 60000 (int); expected an integer in [0, 50000]"),
+    ("data.val_size=60000", "data.val_size: got 60000 (int); expected an integer in [100, 50000]"),
 ])
 def test_override_errors(item, expected):
     with pytest.raises(config.ConfigError) as err:

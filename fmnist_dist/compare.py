@@ -1,0 +1,370 @@
+"""Comparing runs: `report RUN_DIR RUN_DIR ...` (or a glob such as `runs/*`).
+
+One row per run directory, whatever its state: completed, running (or killed while running),
+failed, preempted, or unreadable (no report, corrupt, another schema version: the reason is
+shown). Speedup and parallel efficiency are computed within a *recipe*: runs whose resolved
+configs are equal once the world-dependent keys are left out (WORLD_KEYS: thread counts, affinity,
+data location, report options). The baseline of a recipe is its smallest world size among its
+completed runs (among all its runs with a finished epoch when none completed); with several runs of
+that size, the mean of their images/s.
+
+  speedup    = images/s of the run / images/s of the baseline
+  efficiency = speedup / (ranks / baseline ranks)
+
+images/s is the run's own (all ranks' training images / training time, epoch 1 with its tracing
+included), as in its report. Formats: text (terminal table), md, csv, json; json holds the same
+rows and round-trips through `rows_from_json`.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import sys
+from typing import Any
+
+from . import report as report_mod
+from . import timing
+
+COMPARISON_SCHEMA = "fmnist-dist/comparison"
+COMPARISON_VERSION = 1
+WORLD_KEYS = frozenset({
+    "intel.intra_op_threads", "intel.inter_op_threads", "intel.kmp_affinity", "intel.kmp_blocktime",
+    "data.dir", "data.download", "data.url", "data.cache_dir",
+})
+WORLD_PREFIXES = ("report.", "run.", "checkpoint.", "launch.")
+# (key, heading, format for text/md); csv and json carry the raw values.
+COLUMNS = (
+    ("run", "run", "{}"), ("status", "status", "{}"), ("recipe", "recipe", "{}"),
+    ("ranks", "ranks", "{}"), ("hosts", "hosts", "{}"), ("threads", "thr/rank", "{}"),
+    ("epochs", "epochs", "{}"), ("training_s", "train s", "{:.1f}"),
+    ("time_to_target_s", "to target s", "{:.1f}"), ("test_accuracy", "test acc", "{:.2%}"),
+    ("images_per_s", "images/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
+    ("efficiency", "efficiency", "{:.0%}"), ("comm_share", "comm", "{:.0%}"),
+    ("split_method", "split", "{}"), ("precision", "precision", "{}"), ("itex", "ITEX", "{}"),
+    ("onednn", "oneDNN", "{}"),
+)
+EXTRA_FIELDS = ("path", "error", "recipe_key", "baseline_runs", "baseline_ranks", "baseline_images_per_s")
+
+
+def expand(paths: list[str]) -> list[str]:
+    """Arguments as given, a glob (when the shell did not expand it) replaced by its matches that
+    are run directories or report files."""
+    out: list[str] = []
+    for p in paths:
+        if not os.path.exists(p) and glob.has_magic(p):
+            matches = sorted(m for m in glob.glob(p)
+                             if os.path.isdir(m) or os.path.basename(m) == "report.json")
+            out.extend(matches or [p])
+        else:
+            out.append(p)
+    seen, unique = set(), []
+    for p in out:
+        key = os.path.abspath(p[: -len("report.json")] if p.endswith("report.json") else p).rstrip("/")
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def load_all(paths: list[str]) -> list[tuple[str, dict | None, str | None]]:
+    """(path, report or None, error or None) per run directory, in the order given."""
+    out = []
+    for p in paths:
+        try:
+            out.append((p, report_mod.load_report(p), None))
+        except report_mod.ReportError as e:
+            out.append((p, None, str(e)))
+    return out
+
+
+def recipe_key(config: dict) -> str:
+    """A short hash of the config minus world-dependent keys: equal for runs of the same recipe."""
+    flat = {k: v for k, v in _flatten(config).items()
+            if k not in WORLD_KEYS and not k.startswith(WORLD_PREFIXES)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_name(report: dict) -> str:
+    """The --config file's name as the run was started, else 'defaults'."""
+    argv = (report.get("environment") or {}).get("argv") or []
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return os.path.splitext(os.path.basename(argv[i + 1]))[0]
+        if a.startswith("--config="):
+            return os.path.splitext(os.path.basename(a.split("=", 1)[1]))[0]
+    return "defaults"
+
+
+def precision(env: dict) -> str:
+    if env.get("itex_auto_mixed_precision"):
+        return "bf16 (ITEX AMP)"
+    policy = env.get("mixed_precision_policy") or "float32"
+    return "bf16 (Keras)" if "bfloat16" in policy else policy
+
+
+def row_for(path: str, report: dict | None, error: str | None) -> dict:
+    row: dict[str, Any] = {c[0]: None for c in COLUMNS}
+    row.update({f: None for f in EXTRA_FIELDS})
+    row["path"] = path
+    row["run"] = os.path.basename(os.path.normpath(path[: -len("report.json")] if path.endswith("report.json") else path))
+    if report is None:
+        row.update(status="unreadable", error=error)
+        return row
+    env, w, t, res = report.get("environment") or {}, report["world"], report.get("timing") or {}, report.get("results") or {}
+    rows = timing.breakdown_rows(report)
+    total = sum(r.get("total_s", 0.0) for r in rows)
+    comm = sum(r.get("comm_s", 0.0) for r in rows)
+    row.update(
+        run=report.get("run_id") or row["run"], status=report.get("status"), error=report.get("error"),
+        recipe=config_name(report), recipe_key=recipe_key(report.get("config") or {}),
+        ranks=w["size"], hosts=len(w["hosts"]), threads=env.get("intra_op_threads"),
+        epochs=len(report.get("epochs") or []), training_s=t.get("training_s"),
+        time_to_target_s=t.get("time_to_target_s"), test_accuracy=res.get("test_accuracy"),
+        images_per_s=t.get("images_per_s") or None,
+        comm_share=(comm / total if total > 0 else None) if report.get("epochs") else None,
+        split_method=(report.get("breakdown") or {}).get("method"),
+        precision=precision(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
+        onednn="on" if env.get("onednn_enabled") else "off",
+    )
+    return row
+
+
+def compare_rows(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict]:
+    rows = [row_for(*item) for item in loaded]
+    # names: the config file's name, qualified with the recipe hash when one name covers several recipes
+    keys_by_name: dict[str, set] = {}
+    for r in rows:
+        if r["recipe_key"]:
+            keys_by_name.setdefault(r["recipe"], set()).add(r["recipe_key"])
+    for r in rows:
+        if r["recipe_key"] and len(keys_by_name[r["recipe"]]) > 1:
+            r["recipe"] = f"{r['recipe']}@{r['recipe_key'][:6]}"
+    for key in {r["recipe_key"] for r in rows if r["recipe_key"]}:
+        members = [r for r in rows if r["recipe_key"] == key and r["images_per_s"]]
+        pool = [r for r in members if r["status"] == "completed"] or members
+        if not pool:
+            continue
+        smallest = min(r["ranks"] for r in pool)
+        base = [r for r in pool if r["ranks"] == smallest]
+        base_ips = sum(r["images_per_s"] for r in base) / len(base)
+        for r in members:
+            r["baseline_runs"] = [b["run"] for b in base]
+            r["baseline_ranks"] = smallest
+            r["baseline_images_per_s"] = base_ips
+            r["speedup"] = r["images_per_s"] / base_ips
+            r["efficiency"] = r["speedup"] / (r["ranks"] / smallest)
+    return rows
+
+
+def notes(rows: list[dict]) -> list[str]:
+    out = ["speedup = images/s ÷ the baseline's images/s (same recipe, smallest world size, completed runs); "
+           "efficiency = speedup ÷ (ranks ÷ baseline ranks); comm = communication's share of the ranks' time "
+           "(split: how it was measured — timeline, probe estimate, or single rank)"]
+    for key in sorted({r["recipe_key"] for r in rows if r["recipe_key"]}):
+        members = [r for r in rows if r["recipe_key"] == key]
+        b = next((r for r in members if r["baseline_runs"]), None)
+        if b:
+            out.append(f"recipe {b['recipe']} (config {key}): baseline {', '.join(b['baseline_runs'])} "
+                       f"({b['baseline_ranks']} rank{'s' if b['baseline_ranks'] != 1 else ''}, "
+                       f"{b['baseline_images_per_s']:.0f} images/s)")
+        else:
+            out.append(f"recipe {members[0]['recipe']} (config {key}): no finished epoch, no baseline")
+    for r in rows:
+        if r["status"] == "unreadable":
+            out.append(f"{r['run']}: not read: {r['error']}")
+        elif r["status"] != "completed":
+            out.append(f"{r['run']}: {r['status']}" + (f" ({r['error']})" if r.get("error") else "")
+                       + (f"; numbers cover its {r['epochs']} finished epoch{'s' if r['epochs'] != 1 else ''}"
+                          if r["epochs"] else "; no finished epoch"))
+    return out
+
+
+def _cell(row: dict, key: str, spec: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "—"
+    return spec.format(v)
+
+
+def render(rows: list[dict], fmt: str = "text") -> str:
+    if fmt == "json":
+        return json.dumps({"schema": COMPARISON_SCHEMA, "schema_version": COMPARISON_VERSION,
+                           "columns": [c[0] for c in COLUMNS], "rows": rows, "notes": notes(rows)}, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        fields = [c[0] for c in COLUMNS] + list(EXTRA_FIELDS)
+        writer = csv.writer(out)
+        writer.writerow(fields)
+        for r in rows:
+            writer.writerow(["" if r.get(f) is None else (";".join(r[f]) if isinstance(r[f], list) else r[f])
+                             for f in fields])
+        return out.getvalue().rstrip("\n")
+    head = [c[1] for c in COLUMNS]
+    cells = [[_cell(r, k, spec) for k, _, spec in COLUMNS] for r in rows]
+    if fmt == "md":
+        lines = ["| " + " | ".join(head) + " |",
+                 "|" + "|".join("---" if k in ("run", "status", "recipe", "split_method", "precision") else "---:"
+                                for k, _, _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        lines += [""] + [f"- {n}" for n in notes(rows)]
+        return "\n".join(lines)
+    left = {"run", "status", "recipe", "split_method", "precision"}
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
+    just = [(str.ljust if COLUMNS[i][0] in left else str.rjust) for i in range(len(COLUMNS))]
+    lines = ["  ".join(j(h, w) for h, w, j in zip(head, widths, just))]
+    lines += ["  ".join(j(c, w) for c, w, j in zip(row, widths, just)) for row in cells]
+    lines += [""] + [f"* {n}" for n in notes(rows)]
+    return "\n".join(lines)
+
+
+def rows_from_json(text: str) -> list[dict]:
+    data = json.loads(text)
+    if data.get("schema") != COMPARISON_SCHEMA or data.get("schema_version") != COMPARISON_VERSION:
+        raise report_mod.ReportError(f"not an fmnist-dist comparison of version {COMPARISON_VERSION}")
+    return data["rows"]
+
+
+def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[dict], nodes, ranks_per_node=None,
+                latency_s=None, bandwidth_Bps=None, latency_model="ring") -> tuple[list[dict], list[dict], list[str]]:
+    """Per recipe: a projection from its smallest completed run (communication from its largest
+    multi-rank run), and a validation of every larger measured run. Returns (projections,
+    validations, problems)."""
+    from . import projection
+
+    reports = {p: r for p, r, _ in loaded if r is not None}
+    projs, vals, problems = [], [], []
+    for key in sorted({r["recipe_key"] for r in rows if r["recipe_key"]}):
+        members = [r for r in rows if r["recipe_key"] == key and r["status"] == "completed" and r["epochs"]]
+        if not members:
+            continue
+        members.sort(key=lambda r: (r["ranks"], -(r["images_per_s"] or 0)))
+        base = members[0]
+        multi = [r for r in members if r["ranks"] > 1]
+        comm_src = max(multi, key=lambda r: r["ranks"]) if multi else None
+        try:
+            proj = projection.project(reports[base["path"]], reports[comm_src["path"]] if comm_src else None,
+                                      nodes=nodes, ranks_per_node=ranks_per_node, latency_s=latency_s,
+                                      bandwidth_Bps=bandwidth_Bps, latency_model=latency_model)
+            proj["recipe"] = base["recipe"]
+            projs.append(proj)
+        except projection.ProjectionError as e:
+            problems.append(f"recipe {base['recipe']}: {e}")
+        for target in members[1:]:
+            if target["ranks"] > base["ranks"]:
+                try:
+                    vals.append(projection.validate(reports[base["path"]], reports[target["path"]], latency_model))
+                except projection.ProjectionError as e:
+                    problems.append(f"validation {base['run']} -> {target['run']}: {e}")
+    return projs, vals, problems
+
+
+# --------------------------------------------------------------------------------------------
+# The `report` subcommand (its arguments and its command; __main__ wires them in)
+
+def add_report_arguments(p) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (or report.json files, or a quoted glob such as 'runs/*'); "
+                        "one: its summary; several: a comparison table")
+    p.add_argument("--format", choices=("text", "md", "csv", "json"), default="text",
+                   help="text (terminal), md (Markdown), csv, json (default text); csv of one run is its epochs.csv")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (one run: accuracy/loss, "
+                   "throughput, time per rank; several: scaling and time per run)")
+    p.add_argument("--project", action="store_true", help="projected time per epoch and efficiency on more "
+                   "nodes, with the model's assumptions, and its validation on the measured sizes")
+    p.add_argument("--nodes", default="4,8,16,64", help="node counts for --project (default 4,8,16,64)")
+    p.add_argument("--ranks-per-node", type=int, help="ranks per node for --project (default: as in the base run)")
+    p.add_argument("--latency-us", type=float, help="--project: per-hop allreduce latency of your network, µs "
+                   "(default: from the allreduce probe, measured on the run's ranks)")
+    p.add_argument("--bandwidth-gbs", type=float, help="--project: link bandwidth of your network, GB/s "
+                   "(default: from the allreduce probe)")
+    p.add_argument("--latency-model", choices=("ring", "tree"), default="ring",
+                   help="--project: latency hops of the allreduce: ring 2(p-1) (default) or tree 2 log2(p)")
+
+
+def cmd_report(args) -> int:
+    from . import projection
+
+    paths = expand(args.run_dirs)
+    try:
+        nodes = tuple(int(n) for n in str(args.nodes).split(",") if n.strip())
+        if not nodes or min(nodes) < 1:
+            raise ValueError
+    except ValueError:
+        raise report_mod.ReportError(f"--nodes {args.nodes}: expected node counts such as 4,8,16,64") from None
+    latency = args.latency_us * 1e-6 if args.latency_us is not None else None
+    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs is not None else None
+    if len(paths) == 1:
+        report = report_mod.load_report(paths[0])   # unreadable: ReportError, exit 2
+        proj = None
+        if args.project:
+            try:
+                proj = projection.project(report, nodes=nodes, ranks_per_node=args.ranks_per_node,
+                                          latency_s=latency, bandwidth_Bps=bandwidth,
+                                          latency_model=args.latency_model)
+            except projection.ProjectionError as e:
+                raise report_mod.ReportError(f"{paths[0]}: cannot project: {e}") from None
+        if args.format == "json":
+            print(json.dumps(report if proj is None else {"report": report, "projection": proj}, indent=2))
+        elif args.format == "csv":
+            print(report_mod.epochs_csv(report), end="")
+        else:
+            text = report_mod.render_markdown(report) if args.format == "md" else "\n".join(report_mod.summary_lines(report))
+            print(text)
+            if proj is not None:
+                print("\n" + "\n".join(projection.render(proj, args.format)))
+        if args.plots:
+            from . import plots
+            written = plots.plot_run(report, args.plots)
+            print("plots: " + (", ".join(written) if written else "none (no finished epoch)"), file=sys.stderr)
+        return 0
+
+    loaded = load_all(paths)
+    if all(r is None for _, r, _ in loaded):
+        raise report_mod.ReportError("no readable report among the runs given:\n  "
+                                     + "\n  ".join(e for _, _, e in loaded))
+    rows = compare_rows(loaded)
+    projs, vals, problems = [], [], []
+    if args.project:
+        projs, vals, problems = projections(loaded, rows, nodes, args.ranks_per_node, latency, bandwidth,
+                                            args.latency_model)
+    if args.format == "json":
+        data = json.loads(render(rows, "json"))
+        if args.project:
+            data.update(projections=projs, validations=vals, projection_problems=problems)
+        print(json.dumps(data, indent=2))
+    else:
+        print(render(rows, args.format))
+        if args.project and args.format != "csv":
+            for proj in projs:
+                print("\n" + "\n".join(projection.render(proj, args.format)))
+            if vals:
+                print("")
+            for v in vals:
+                print("\n".join(projection.render_validation(v, args.format)))
+            for p in problems:
+                print(f"projection: {p}")
+        elif args.project:
+            print("fmnist-dist: --project is not part of the csv output; use text, md or json", file=sys.stderr)
+    for _, r, e in loaded:
+        if r is None:
+            print(f"fmnist-dist: warning: {e}", file=sys.stderr)
+    if args.plots:
+        from . import plots
+        reports = {p: r for p, r, _ in loaded if r is not None}
+        written = plots.plot_comparison(rows, reports, args.plots, projs)
+        print("plots: " + ", ".join(written), file=sys.stderr)
+    return 0

@@ -1,0 +1,387 @@
+"""Fashion-MNIST: find the four IDX files, verify them, load them; split and shard the training set.
+
+Every file is checked (IDX magic, dimensions, payload size, SHA-256 of the decompressed bytes);
+anything wrong is a DataError naming the file and what was expected. There is no synthetic fallback.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+ENV_VAR = "FMNIST_DATA_DIR"
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+SHAPES = {
+    "train_images": (60000, 28, 28),
+    "train_labels": (60000,),
+    "test_images": (10000, 28, 28),
+    "test_labels": (10000,),
+}
+# SHA-256 of the decompressed IDX files. Debian's .gz files are recompressed (their bytes differ
+# from upstream's), but both decompress to exactly these bytes.
+SHA256 = {
+    "train_images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train_labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+NUM_CLASSES = 10
+_CHUNK = 1 << 20
+
+
+class DataError(Exception):
+    """One clear, specific message for the user (which file, expected vs actual, where searched)."""
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    x_train: np.ndarray  # uint8 (60000, 28, 28)
+    y_train: np.ndarray  # uint8 (60000,)
+    x_test: np.ndarray   # uint8 (10000, 28, 28)
+    y_test: np.ndarray   # uint8 (10000,)
+    source: str          # directory loaded from, or "URL (downloaded to DIR)"
+
+
+# ---------------------------------------------------------------- finding the files
+
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "fmnist-dist", "fashion-mnist")
+
+
+def keras_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".keras", "datasets", "fashion-mnist")
+
+
+def candidate_dirs(data_dir: str | None) -> list[tuple[str, str]]:
+    """(label, path) of the directories to search, in order. An explicit data_dir is the only one."""
+    if data_dir:
+        return [("data.dir / --data-dir", data_dir)]
+    dirs = []
+    if os.environ.get(ENV_VAR):
+        dirs.append((f"${ENV_VAR}", os.environ[ENV_VAR]))
+    # DEBIAN_DIR is read here, at call time, so tests can point it elsewhere.
+    dirs.append((f"Debian package {DEBIAN_PACKAGE}", DEBIAN_DIR))
+    dirs.append(("Keras cache", keras_cache_dir()))
+    return dirs
+
+
+def _find_files(directory: str, label: str) -> dict[str, str] | None:
+    """Paths of the four files in directory (raw NAME preferred over NAME.gz); None if there are
+    none; DataError if only some are there (files from different directories are never mixed)."""
+    found = {}
+    for key, name in FILES.items():
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(directory, candidate)
+            if os.path.isfile(path):
+                found[key] = path
+                break
+    if not found:
+        return None
+    if len(found) < len(FILES):
+        missing = [FILES[k] for k in FILES if k not in found]
+        present = [os.path.basename(found[k]) for k in FILES if k in found]
+        raise DataError(
+            f"{directory} ({label}) has only some of the Fashion-MNIST files: missing "
+            f"{', '.join(missing)} (raw or .gz); present: {', '.join(present)}. "
+            "Add the missing files or remove the directory (files are never mixed across directories).")
+    return found
+
+
+def _not_found_reason(directory: str) -> str:
+    return "no such directory" if not os.path.isdir(directory) else "directory holds none of the files"
+
+
+def load_fashion_mnist(data_dir: str | None = None, download: bool = False, cache_dir: str | None = None,
+                       url: str = DEFAULT_URL, progress: bool = True) -> FashionMNIST:
+    """Load and verify Fashion-MNIST from the first directory that has it (see candidate_dirs),
+    downloading into cache_dir only when download is true and no local copy exists."""
+    searched = []
+    for label, directory in candidate_dirs(data_dir):
+        found = _find_files(directory, label)
+        if found:
+            return _load_verified(found, source=directory)
+        searched.append(f"{directory} ({label}): {_not_found_reason(directory)}")
+    if data_dir:
+        raise DataError(f"Fashion-MNIST not found in {data_dir} (data.dir / --data-dir): "
+                        f"{_not_found_reason(data_dir)}. Expected {_expected_names()}. "
+                        "Only this directory is searched when data.dir is set; unset it to search "
+                        f"${ENV_VAR}, {DEBIAN_DIR} and the Keras cache.")
+    if not os.environ.get(ENV_VAR):
+        searched.insert(0, f"${ENV_VAR} (not set)")
+    cache_dir = cache_dir or default_cache_dir()
+    if download:
+        try:
+            return _load_or_download(cache_dir, url, progress)
+        except DataError as e:
+            searched.append(f"download from {url} into {cache_dir}: failed")
+            raise DataError(f"{e}\n{_not_found_message(searched, url, download_tried=True)}") from e
+    searched.append(f"download into {cache_dir}: not tried (data.download is false)")
+    raise DataError(_not_found_message(searched, url))
+
+
+def _load_or_download(cache_dir: str, url: str, progress: bool) -> FashionMNIST:
+    cached = _cached_downloads(cache_dir)
+    if len(cached) == len(FILES):
+        return _load_verified(cached, source=cache_dir)
+    download_dataset(url, cache_dir, progress)
+    return _load_verified(_cached_downloads(cache_dir), source=f"{url} (downloaded to {cache_dir})")
+
+
+def _cached_downloads(directory: str) -> dict[str, str]:
+    """The .gz files already in the download cache; a partial set is fine (an interrupted download
+    resumes file by file)."""
+    paths = {key: os.path.join(directory, name + ".gz") for key, name in FILES.items()}
+    return {key: path for key, path in paths.items() if os.path.isfile(path)}
+
+
+def _expected_names() -> str:
+    return ", ".join(FILES.values()) + " (each raw or .gz)"
+
+
+def _not_found_message(searched: list[str], url: str, download_tried: bool = False) -> str:
+    places = "\n".join(f"  - {s}" for s in searched)
+    ways = [f"sudo apt-get install {DEBIAN_PACKAGE}   (installs it in {DEBIAN_DIR})"]
+    if not download_tried:
+        ways.append(f"set data.download: true (or --set data.download=true) to download it from {url}")
+    ways.append(f"--data-dir DIR (or data.dir) naming a directory with {_expected_names()}")
+    return (f"Fashion-MNIST not found. Searched:\n{places}\n"
+            "Get the data in one of these ways:\n" + "\n".join(f"  - {w}" for w in ways))
+
+
+def _load_verified(paths: dict[str, str], source: str) -> FashionMNIST:
+    arrays = {key: read_idx(paths[key], SHAPES[key], SHA256[key]) for key in FILES}
+    for key in ("train_labels", "test_labels"):
+        _check_labels(paths[key], arrays[key])
+    return FashionMNIST(arrays["train_images"], arrays["train_labels"],
+                        arrays["test_images"], arrays["test_labels"], source)
+
+
+def _check_labels(path: str, labels: np.ndarray) -> None:
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{path}: labels must be 0..{NUM_CLASSES - 1}, found {int(labels.max())}")
+
+
+# ---------------------------------------------------------------- reading IDX files
+
+def read_idx(path: str, expected_shape: tuple[int, ...], expected_sha256: str | None) -> np.ndarray:
+    """A verified uint8 IDX file (raw, or gzip if the name ends in .gz) as an array of
+    expected_shape. expected_sha256 is of the decompressed bytes; None skips that check."""
+    expected_shape = tuple(expected_shape)
+    expected_size = _header_size(expected_shape) + math.prod(expected_shape)
+    compressed = path.endswith(".gz")
+    payload = _read_gzip(path, expected_size) if compressed else _read_raw(path)
+    what = "decompressed " if compressed else ""
+    _check_header(path, payload, expected_shape)
+    if len(payload) != expected_size:
+        raise DataError(f"{path}: {what}size is {len(payload)} bytes, expected {expected_size} "
+                        f"(the file is truncated or corrupt)")
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(payload).hexdigest()
+        if actual != expected_sha256:
+            raise DataError(f"{path}: SHA-256 of the {what}data is {actual}, expected {expected_sha256} "
+                            "(the file is corrupt or not the original Fashion-MNIST)")
+    return np.frombuffer(payload, dtype=np.uint8, offset=_header_size(expected_shape)).reshape(expected_shape)
+
+
+def _header_size(shape: tuple[int, ...]) -> int:
+    return 4 + 4 * len(shape)
+
+
+def _read_raw(path: str) -> bytearray:
+    # A bytearray (not bytes) so the arrays made over it with np.frombuffer are writable.
+    try:
+        with open(path, "rb") as f:
+            payload = bytearray(os.fstat(f.fileno()).st_size)
+            n = f.readinto(payload)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    return payload if n == len(payload) else payload[:n]
+
+
+def _read_gzip(path: str, expected_size: int) -> bytearray:
+    payload = bytearray()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                payload += chunk
+    except EOFError as e:
+        raise DataError(f"{path}: gzip stream ends early after {len(payload)} decompressed bytes, "
+                        f"expected {expected_size} (the file is truncated)") from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt gzip data after {len(payload)} decompressed bytes "
+                        f"(expected {expected_size}): {e}") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    return payload
+
+
+def _check_header(path: str, payload: bytearray, expected_shape: tuple[int, ...]) -> None:
+    ndim = len(expected_shape)
+    expected_magic = 0x0800 | ndim  # 0x08: unsigned bytes; low byte: number of dimensions
+    if len(payload) >= 4:
+        magic = int.from_bytes(payload[:4], "big")
+        if magic != expected_magic:
+            hint = " (this looks gzip-compressed: name it .gz)" if payload[:2] == b"\x1f\x8b" else ""
+            raise DataError(f"{path}: IDX magic number is 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                            f"(uint8, {ndim} dimensions){hint}")
+    if len(payload) >= _header_size(expected_shape):
+        dims = struct.unpack(f">{ndim}I", payload[4:_header_size(expected_shape)])
+        if dims != expected_shape:
+            raise DataError(f"{path}: IDX dimensions are {_fmt_shape(dims)}, "
+                            f"expected {_fmt_shape(expected_shape)}")
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(d) for d in shape)
+
+
+# ---------------------------------------------------------------- downloading
+
+def download_dataset(url: str, dest_dir: str, progress: bool = True) -> str:
+    """Download the four .gz files missing from dest_dir from the base URL url; each is verified
+    in a temporary directory and only then renamed into dest_dir. Returns dest_dir."""
+    try:
+        os.makedirs(dest_dir, exist_ok=True)
+        if not os.access(dest_dir, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise DataError(f"cannot use the download directory {dest_dir}: {e}") from e
+    present = _cached_downloads(dest_dir)
+    for key, name in FILES.items():
+        if key not in present:
+            _download_one(url.rstrip("/") + "/" + name + ".gz", key, dest_dir, progress)
+    return dest_dir
+
+
+def _download_one(file_url: str, key: str, dest_dir: str, progress: bool) -> None:
+    file_name = FILES[key] + ".gz"
+    # A private temporary directory per process: several ranks may download into one cache at once.
+    tmp_dir = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
+    try:
+        tmp_path = os.path.join(tmp_dir, file_name)
+        _fetch(file_url, tmp_path, progress)
+        try:
+            read_idx(tmp_path, SHAPES[key], SHA256[key])
+        except DataError as e:
+            raise DataError(f"download of {file_url} failed verification: {e}") from e
+        os.replace(tmp_path, os.path.join(dest_dir, file_name))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _fetch(file_url: str, dest_path: str, progress: bool) -> None:
+    name = os.path.basename(dest_path)
+    done, total, shown = 0, None, False
+    try:
+        with urllib.request.urlopen(file_url, timeout=60) as response, open(dest_path, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            shown = progress
+            if progress:
+                _show_progress(name, done, total)
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                if progress:
+                    _show_progress(name, done, total)
+    except urllib.error.HTTPError as e:
+        raise DataError(f"download of {file_url} failed: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise DataError(f"download of {file_url} failed: {e.reason}") from e
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(f"download of {file_url} failed: {type(e).__name__}: {e}") from e
+    finally:
+        if shown:
+            sys.stderr.write("\n")  # end the progress line
+            sys.stderr.flush()
+    if total is not None and done != total:
+        raise DataError(f"download of {file_url} failed: received {done} bytes, expected {total}")
+
+
+def _show_progress(name: str, done: int, total: int | None) -> None:
+    if total:
+        text = f"downloading {name}: {done}/{total} bytes ({100 * done // total}%)"
+    else:
+        text = f"downloading {name}: {done} bytes"
+    sys.stderr.write("\r" + text)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- splitting and sharding
+
+def split_train_val(n_train: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): a seeded random split of range(n_train), both sorted, disjoint."""
+    if not 0 <= val_size < n_train:
+        raise DataError(f"validation size {val_size} must be in [0, {n_train - 1}] "
+                        f"for {n_train} training examples")
+    perm = np.random.default_rng(_seed_words(seed, _SPLIT_STREAM)).permutation(n_train)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def steps_per_epoch(n_examples: int, world_size: int, batch_size: int) -> int:
+    """Whole global batches per epoch: floor(n_examples / (world_size * batch_size))."""
+    if world_size < 1 or batch_size < 1:
+        raise DataError(f"world size ({world_size}) and batch size ({batch_size}) must be at least 1")
+    steps = n_examples // (world_size * batch_size)
+    if steps == 0:
+        raise DataError(f"{n_examples} training examples are fewer than one global batch "
+                        f"({world_size} ranks x batch size {batch_size} = {world_size * batch_size}); "
+                        "lower train.batch_size, use fewer ranks, or reduce data.val_size")
+    return steps
+
+
+def epoch_order(train_idx: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+    """The epoch's global order of training examples: the same permutation on every rank."""
+    perm = np.random.default_rng(_seed_words(seed, _SHUFFLE_STREAM, epoch)).permutation(len(train_idx))
+    return np.asarray(train_idx)[perm]
+
+
+def epoch_shard(train_idx: np.ndarray, epoch: int, seed: int, rank: int, world_size: int,
+                batch_size: int, start: int = 0, max_steps: int | None = None) -> np.ndarray:
+    """This rank's examples for the epoch, in step order.
+
+    The epoch's global order is consumed one global batch (world_size x batch_size) per step, and
+    rank r takes the r-th slice of each global batch. So after s steps exactly the first
+    start + s * world_size * batch_size examples of the order are used, whatever the world size:
+    a resumed run continues from `start` (even with a different number of ranks). The leftover
+    (< one global batch) sits out this epoch, a different set each epoch."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+    remaining = epoch_order(train_idx, epoch, seed)[start:]
+    steps = steps_per_epoch(len(remaining), world_size, batch_size)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    batches = remaining[: steps * world_size * batch_size].reshape(steps, world_size, batch_size)
+    return batches[:, rank, :].reshape(-1)
+
+
+# Separate random streams for the split and the shuffles. Without the stream word, [seed] and
+# [seed, 0] would seed identical generators (SeedSequence pads with zeros), so epoch 0's shuffle
+# would repeat the split's permutation.
+_SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1
+
+
+def _seed_words(*values: int) -> list[int]:
+    if any(v < 0 for v in values):
+        raise DataError(f"seed and epoch must be non-negative, got {values}")
+    return list(values)

@@ -1,0 +1,455 @@
+"""fmnist_dist.data on real files: IDX parsing and its errors, the look-up order, the real
+Fashion-MNIST (gzip and raw), downloading from a local HTTP server, the split and the shards."""
+import contextlib
+import functools
+import gzip
+import hashlib
+import http.server
+import os
+import shutil
+import struct
+import threading
+
+import numpy as np
+import pytest
+
+from fmnist_dist import data
+
+REAL_DIR = data.DEBIAN_DIR  # captured before any test points data.DEBIAN_DIR elsewhere
+GZ_NAMES = [name + ".gz" for name in data.FILES.values()]
+
+
+# ---------------------------------------------------------------- helpers
+
+def idx_bytes(array: np.ndarray, magic: int | None = None, dims: tuple | None = None) -> bytes:
+    dims = array.shape if dims is None else dims
+    magic = 0x0800 | len(dims) if magic is None else magic
+    return struct.pack(f">I{len(dims)}I", magic, *dims) + array.astype(np.uint8).tobytes()
+
+
+def write(path, payload: bytes, gz: bool = False) -> str:
+    with open(path, "wb") as f:
+        f.write(gzip.compress(payload) if gz else payload)
+    return str(path)
+
+
+def sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def small_images() -> np.ndarray:
+    return np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+
+
+def require_real_data() -> None:
+    if os.path.isdir(REAL_DIR):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{REAL_DIR} is missing in CI: scripts/setup.sh must install dataset-fashion-mnist")
+    pytest.skip(f"{REAL_DIR} absent (install dataset-fashion-mnist, e.g. via scripts/setup.sh)")
+
+
+def link_real_files(directory, names=GZ_NAMES):
+    """A dataset directory made of symlinks to the real Debian files (cheap, and really verified)."""
+    os.makedirs(directory, exist_ok=True)
+    for name in names:
+        os.symlink(os.path.join(REAL_DIR, name), os.path.join(directory, name))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def real():
+    require_real_data()
+    return data.load_fashion_mnist(data_dir=REAL_DIR)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No $FMNIST_DATA_DIR, the Debian dir and $HOME (so the Keras cache) pointing at empty tmp paths."""
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "no-debian"))
+    return tmp_path
+
+
+def keras_dir(tmp_path) -> str:
+    return str(tmp_path / "home" / ".keras" / "datasets" / "fashion-mnist")
+
+
+def assert_same(a: data.FashionMNIST, b: data.FashionMNIST) -> None:
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+# ---------------------------------------------------------------- IDX parsing
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_valid(tmp_path, gz):
+    images, labels = small_images(), np.array([3, 1, 9], dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    img_path = write(tmp_path / f"img{suffix}", idx_bytes(images), gz)
+    lab_path = write(tmp_path / f"lab{suffix}", idx_bytes(labels), gz)
+
+    got = data.read_idx(img_path, (3, 4, 5), sha(idx_bytes(images)))
+    assert got.dtype == np.uint8 and got.shape == (3, 4, 5)
+    np.testing.assert_array_equal(got, images)
+    np.testing.assert_array_equal(data.read_idx(lab_path, (3,), None), labels)
+    got[0, 0, 0] = 7  # writable, so callers may normalise in place
+
+
+def test_read_idx_wrong_magic(tmp_path):
+    path = write(tmp_path / "img", idx_bytes(small_images(), magic=0x0801))
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), None)
+    assert str(e.value) == (f"{path}: IDX magic number is 0x00000801, expected 0x00000803 "
+                            "(uint8, 3 dimensions)")
+
+
+def test_read_idx_gzip_without_gz_name(tmp_path):
+    path = write(tmp_path / "img", idx_bytes(small_images()), gz=True)
+    with pytest.raises(data.DataError, match=r"expected 0x00000803 .*looks gzip-compressed: name it \.gz"):
+        data.read_idx(path, (3, 4, 5), None)
+
+
+def test_read_idx_wrong_dims(tmp_path):
+    path = write(tmp_path / "img", idx_bytes(np.zeros((4, 4, 5))))
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), None)
+    assert str(e.value) == f"{path}: IDX dimensions are 4 x 4 x 5, expected 3 x 4 x 5"
+
+
+def test_read_idx_truncated_raw(tmp_path):
+    path = write(tmp_path / "img", idx_bytes(small_images())[:-10])  # 16-byte header + 60 - 10
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), None)
+    assert str(e.value) == f"{path}: size is 66 bytes, expected 76 (the file is truncated or corrupt)"
+
+
+def test_read_idx_header_only_part(tmp_path):
+    path = write(tmp_path / "img", b"\x00\x00")
+    with pytest.raises(data.DataError, match=r"size is 2 bytes, expected 76"):
+        data.read_idx(path, (3, 4, 5), None)
+
+
+def test_read_idx_trailing_bytes(tmp_path):
+    path = write(tmp_path / "img.gz", idx_bytes(small_images()) + b"extra", gz=True)
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), None)
+    assert str(e.value) == (f"{path}: decompressed size is 81 bytes, expected 76 "
+                            "(the file is truncated or corrupt)")
+
+
+def test_read_idx_truncated_gzip(tmp_path):
+    payload = idx_bytes(np.random.default_rng(0).integers(0, 256, (30, 28, 28)))
+    path = write(tmp_path / "img.gz", gzip.compress(payload)[:-100])
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (30, 28, 28), sha(payload))
+    message = str(e.value)
+    assert message.startswith(f"{path}: gzip stream ends early after ")
+    assert message.endswith(f" decompressed bytes, expected {len(payload)} (the file is truncated)")
+
+
+def test_read_idx_not_gzip(tmp_path):
+    path = write(tmp_path / "img.gz", idx_bytes(small_images()))  # raw bytes under a .gz name
+    with pytest.raises(data.DataError, match=rf"^{path}: corrupt gzip data after 0 decompressed bytes "
+                                             r"\(expected 76\): Not a gzipped file"):
+        data.read_idx(path, (3, 4, 5), None)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_wrong_checksum(tmp_path, gz):
+    payload = idx_bytes(small_images())
+    path = write(tmp_path / ("img.gz" if gz else "img"), payload, gz)
+    wanted = "0" * 64
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), wanted)
+    what = "decompressed " if gz else ""
+    assert str(e.value) == (f"{path}: SHA-256 of the {what}data is {sha(payload)}, expected {wanted} "
+                            "(the file is corrupt or not the original Fashion-MNIST)")
+
+
+def test_read_idx_missing_file(tmp_path):
+    with pytest.raises(data.DataError, match=r"nope: cannot read: .*No such file"):
+        data.read_idx(str(tmp_path / "nope"), (3,), None)
+
+
+# ---------------------------------------------------------------- look-up order
+
+def test_candidate_dirs(isolated, monkeypatch):
+    debian, keras = str(isolated / "no-debian"), keras_dir(isolated)
+    assert data.candidate_dirs(None) == [("Debian package dataset-fashion-mnist", debian),
+                                         ("Keras cache", keras)]
+    monkeypatch.setenv("FMNIST_DATA_DIR", "/env/dir")
+    assert [p for _, p in data.candidate_dirs(None)] == ["/env/dir", debian, keras]
+    assert data.candidate_dirs(None)[0] == ("$FMNIST_DATA_DIR", "/env/dir")
+    assert data.candidate_dirs("/explicit") == [("data.dir / --data-dir", "/explicit")]
+
+
+def test_lookup_env_first_then_debian_then_keras(isolated, monkeypatch):
+    require_real_data()
+    env_dir = link_real_files(isolated / "env")
+    debian = link_real_files(isolated / "no-debian")
+    keras = link_real_files(keras_dir(isolated))
+
+    monkeypatch.setenv("FMNIST_DATA_DIR", env_dir)
+    assert data.load_fashion_mnist().source == env_dir
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(isolated / "empty-env"))  # set but absent: next place
+    assert data.load_fashion_mnist().source == debian
+    monkeypatch.delenv("FMNIST_DATA_DIR")
+    assert data.load_fashion_mnist().source == debian
+    shutil.rmtree(debian)
+    assert data.load_fashion_mnist().source == keras
+
+
+def test_explicit_data_dir_is_the_only_place(isolated, monkeypatch):
+    require_real_data()
+    monkeypatch.setenv("FMNIST_DATA_DIR", link_real_files(isolated / "env"))
+    given = link_real_files(isolated / "given")
+    assert data.load_fashion_mnist(data_dir=given).source == given
+
+    missing = str(isolated / "missing")
+    with pytest.raises(data.DataError) as e:
+        data.load_fashion_mnist(data_dir=missing, download=True)
+    message = str(e.value)
+    assert message.startswith(f"Fashion-MNIST not found in {missing} (data.dir / --data-dir): "
+                              "no such directory.")
+    assert "train-images-idx3-ubyte" in message and "Only this directory is searched" in message
+
+
+def test_partial_directory_is_an_error_not_a_mix(isolated, monkeypatch):
+    require_real_data()
+    partial = link_real_files(isolated / "partial", GZ_NAMES[:1] + GZ_NAMES[3:])
+    link_real_files(isolated / "no-debian")  # complete, but must not be used to fill the gaps
+    monkeypatch.setenv("FMNIST_DATA_DIR", partial)
+    with pytest.raises(data.DataError) as e:
+        data.load_fashion_mnist()
+    assert str(e.value).startswith(
+        f"{partial} ($FMNIST_DATA_DIR) has only some of the Fashion-MNIST files: missing "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte (raw or .gz); present: "
+        "train-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz.")
+
+
+def test_corrupt_file_is_an_error_not_a_fallback(isolated, monkeypatch):
+    require_real_data()
+    env_dir = link_real_files(isolated / "env", [n for n in GZ_NAMES if not n.startswith("t10k-labels")])
+    with open(os.path.join(REAL_DIR, "t10k-labels-idx1-ubyte.gz"), "rb") as f:
+        write(os.path.join(env_dir, "t10k-labels-idx1-ubyte.gz"), f.read()[:2000])
+    link_real_files(isolated / "no-debian")
+    monkeypatch.setenv("FMNIST_DATA_DIR", env_dir)
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte\.gz: gzip stream ends early after "
+                                             r"\d+ decompressed bytes, expected 10008"):
+        data.load_fashion_mnist()
+
+
+def test_nothing_anywhere_lists_every_place(isolated):
+    cache = str(isolated / "cache")
+    with pytest.raises(data.DataError) as e:
+        data.load_fashion_mnist(cache_dir=cache)
+    message = str(e.value)
+    assert message.startswith("Fashion-MNIST not found. Searched:\n"
+                              "  - $FMNIST_DATA_DIR (not set)\n"
+                              f"  - {isolated}/no-debian (Debian package dataset-fashion-mnist): "
+                              "no such directory\n"
+                              f"  - {keras_dir(isolated)} (Keras cache): no such directory\n"
+                              f"  - download into {cache}: not tried (data.download is false)\n")
+    assert "sudo apt-get install dataset-fashion-mnist" in message
+    assert "data.download: true (or --set data.download=true)" in message
+    assert "--data-dir DIR" in message
+
+
+def test_empty_env_dir_is_listed(isolated, monkeypatch):
+    (isolated / "env").mkdir()
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(isolated / "env"))
+    with pytest.raises(data.DataError) as e:
+        data.load_fashion_mnist()
+    assert f"  - {isolated}/env ($FMNIST_DATA_DIR): directory holds none of the files\n" in str(e.value)
+
+
+# ---------------------------------------------------------------- the real dataset
+
+def test_real_dataset(real):
+    assert real.source == REAL_DIR
+    for x, y, n in ((real.x_train, real.y_train, 60000), (real.x_test, real.y_test, 10000)):
+        assert x.shape == (n, 28, 28) and x.dtype == np.uint8
+        assert y.shape == (n,) and y.dtype == np.uint8
+        assert np.bincount(y, minlength=10).tolist() == [n // 10] * 10
+    assert real.x_train.max() == 255 and real.x_train.min() == 0
+
+
+def test_real_dataset_is_found_by_default(real, monkeypatch):
+    monkeypatch.delenv("FMNIST_DATA_DIR", raising=False)
+    assert data.load_fashion_mnist().source == REAL_DIR
+
+
+def test_uncompressed_copies(real, tmp_path):
+    for name in GZ_NAMES:
+        with gzip.open(os.path.join(REAL_DIR, name)) as src, open(tmp_path / name[:-3], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    raw = data.load_fashion_mnist(data_dir=str(tmp_path))
+    assert raw.source == str(tmp_path)
+    assert_same(raw, real)
+
+
+# ---------------------------------------------------------------- downloading
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def http_server(directory):
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/files/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def serving_dir(tmp_path, names=GZ_NAMES):
+    files = tmp_path / "www" / "files"
+    files.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(os.path.join(REAL_DIR, name), files / name)
+    return files
+
+
+def test_download(real, isolated, capsys):
+    files, cache = serving_dir(isolated), isolated / "cache"
+    with http_server(files.parent) as url:
+        got = data.load_fashion_mnist(download=True, cache_dir=str(cache), url=url)
+    assert_same(got, real)
+    assert got.source == f"{url} (downloaded to {cache})"
+    assert sorted(os.listdir(cache)) == sorted(GZ_NAMES)  # no temporary files left
+    err = capsys.readouterr().err
+    size = os.path.getsize(files / "train-images-idx3-ubyte.gz")
+    assert f"\rdownloading train-images-idx3-ubyte.gz: {size}/{size} bytes (100%)\n" in err
+    assert "\rdownloading t10k-labels-idx1-ubyte.gz: 0/" in err
+
+    # The server is gone: the next load is served from the cache, without a download.
+    again = data.load_fashion_mnist(download=True, cache_dir=str(cache), url=url)
+    assert again.source == str(cache)
+    assert capsys.readouterr().err == ""
+
+
+def test_download_truncated_file_then_resume(real, isolated, capsys):
+    files, cache = serving_dir(isolated), isolated / "cache"
+    labels = files / "train-labels-idx1-ubyte.gz"
+    good = labels.read_bytes()
+    labels.write_bytes(good[: len(good) // 2])
+    with http_server(files.parent) as url:
+        with pytest.raises(data.DataError) as e:
+            data.load_fashion_mnist(download=True, cache_dir=str(cache), url=url, progress=False)
+        message = str(e.value)
+        assert message.startswith(f"download of {url}train-labels-idx1-ubyte.gz failed verification: ")
+        assert "train-labels-idx1-ubyte.gz: gzip stream ends early after " in message
+        assert "expected 60008 (the file is truncated)" in message
+        assert f"download from {url} into {cache}: failed" in message
+        assert "sudo apt-get install dataset-fashion-mnist" in message
+        assert "data.download: true" not in message  # it already is
+        # Nothing under the final name, no temporary directory; the file before it was kept.
+        assert os.listdir(cache) == ["train-images-idx3-ubyte.gz"]
+
+        labels.write_bytes(good)
+        got = data.load_fashion_mnist(download=True, cache_dir=str(cache), url=url, progress=False)
+    assert_same(got, real)
+    assert capsys.readouterr().err == ""
+
+
+def test_download_missing_on_server(isolated):
+    require_real_data()
+    files = serving_dir(isolated, GZ_NAMES[1:])
+    with http_server(files.parent) as url:
+        with pytest.raises(data.DataError, match=rf"^download of {url}train-images-idx3-ubyte\.gz failed: "
+                                                 r"HTTP 404 File not found"):
+            data.download_dataset(url, str(isolated / "cache"), progress=False)
+    assert os.listdir(isolated / "cache") == []
+
+
+def test_download_connection_refused(isolated):
+    with http_server(isolated) as url:
+        pass  # the port is closed again
+    with pytest.raises(data.DataError, match=r"failed: \[Errno 111\] Connection refused"):
+        data.download_dataset(url, str(isolated / "cache"), progress=False)
+
+
+# ---------------------------------------------------------------- split and shards
+
+@pytest.mark.parametrize("n, val_size", [(10, 0), (1000, 100), (60000, 5000)])
+def test_split_train_val(n, val_size):
+    train, val = data.split_train_val(n, val_size, seed=42)
+    assert len(val) == val_size and len(train) == n - val_size
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(n))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)  # sorted, no repeats
+    again = data.split_train_val(n, val_size, seed=42)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
+    if val_size:
+        assert not np.array_equal(data.split_train_val(n, val_size, seed=43)[1], val)
+
+
+@pytest.mark.parametrize("val_size", [-1, 1000])
+def test_split_train_val_bad_size(val_size):
+    with pytest.raises(data.DataError, match=rf"validation size {val_size} must be in \[0, 999\]"):
+        data.split_train_val(1000, val_size, seed=0)
+
+
+def test_steps_per_epoch():
+    assert data.steps_per_epoch(55000, 2, 128) == 214
+    assert data.steps_per_epoch(256, 2, 128) == 1
+    with pytest.raises(data.DataError) as e:
+        data.steps_per_epoch(255, 2, 128)
+    assert str(e.value).startswith("255 training examples are fewer than one global batch "
+                                   "(2 ranks x batch size 128 = 256)")
+
+
+@pytest.mark.parametrize("n", [97, 1000, 4999])
+@pytest.mark.parametrize("world_size", range(1, 9))
+def test_epoch_shards(n, world_size):
+    train_idx, _ = data.split_train_val(n + 10, 10, seed=7)
+    for batch_size in (1, 5, 12):
+        if n < world_size * batch_size:
+            continue
+        length = data.steps_per_epoch(n, world_size, batch_size) * batch_size
+        dropped_by_epoch, order_by_epoch = [], []
+        for epoch in (0, 1, 2, 3):
+            shards = [data.epoch_shard(train_idx, epoch, 7, r, world_size, batch_size)
+                      for r in range(world_size)]
+            assert all(len(s) == length for s in shards)
+            union = np.concatenate(shards)
+            assert len(np.unique(union)) == len(union), "shards overlap"
+            assert np.isin(union, train_idx).all()
+            dropped = np.setdiff1d(train_idx, union)
+            assert len(dropped) == n - world_size * length < world_size * batch_size
+            assert np.array_equal(shards[-1], data.epoch_shard(train_idx, epoch, 7, world_size - 1,
+                                                               world_size, batch_size))
+            dropped_by_epoch.append(tuple(dropped))
+            order_by_epoch.append(tuple(union))
+        assert len(set(order_by_epoch)) == 4, "each epoch has its own permutation"
+        if len(dropped_by_epoch[0]) >= 3:
+            assert len(set(dropped_by_epoch)) > 1, "the dropped examples change between epochs"
+
+
+def test_epoch_shard_depends_on_seed():
+    train_idx = np.arange(1000)
+    a = data.epoch_shard(train_idx, 1, 0, 0, 2, 10)
+    assert np.array_equal(a, data.epoch_shard(train_idx, 1, 0, 0, 2, 10))
+    assert not np.array_equal(a, data.epoch_shard(train_idx, 1, 1, 0, 2, 10))
+
+
+def test_shuffles_do_not_repeat_the_split():
+    """The split and the shuffles use separate random streams, even for epoch 0."""
+    _, val = data.split_train_val(1000, 500, seed=3)
+    shuffled = data.epoch_shard(np.arange(1000), 0, 3, 0, 1, 1000)
+    assert not np.array_equal(np.sort(shuffled[:500]), val)
+
+
+def test_epoch_shard_bad_rank():
+    with pytest.raises(data.DataError, match=r"rank 2 is outside 0\.\.1"):
+        data.epoch_shard(np.arange(100), 1, 0, 2, 2, 10)

@@ -1,0 +1,248 @@
+"""The job scripts with real components: the #PBS/#SBATCH headers, bash -n and shellcheck,
+jobs/train.pbs run the way PBS runs it (one node, then two network-namespace nodes over ssh), and
+jobs/train.slurm submitted with sbatch to a one-node Slurm cluster started for the test.
+
+The real runs train 1 epoch of 100 steps on 2 ranks. In CI (CI=true) nothing here may skip."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import (NODES, ROOT, ROOT_MPI_ENV, SHORT_EXTRA, VENV, in_node, last_line, need, pbs_job_env,
+                     short_host, slurm_cluster, two_nodes, unavailable, unique_job_id, wait_for, write_nodefile)
+
+PBS_SCRIPT = ROOT / "jobs" / "train.pbs"
+SLURM_SCRIPT = ROOT / "jobs" / "train.slurm"
+RUN_TIMEOUT = 1200          # one short training on a busy 2-core machine, generously bounded
+LOOPBACK_MPI = {"OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+
+
+def directives(path: Path, prefix: str) -> list[str]:
+    """The scheduler directives as the scheduler reads them: `#PBS`/`#SBATCH` lines before the
+    first command (both qsub and sbatch stop at the first non-comment line)."""
+    found = []
+    for line in path.read_text().splitlines()[1:]:
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            break
+        if stripped.startswith(prefix + " "):
+            found.append(stripped[len(prefix):].strip())
+    return found
+
+
+def pbs_options(path: Path) -> dict[str, list[str]]:
+    options: dict[str, list[str]] = {}
+    for d in directives(path, "#PBS"):
+        flag, _, value = d.partition(" ")
+        options.setdefault(flag, []).append(value.strip())
+    return options
+
+
+def test_pbs_header_says_what_we_intend():
+    opts = pbs_options(PBS_SCRIPT)
+    assert opts["-N"] == ["fmnist-dist"]
+    resources = dict(v.split("=", 1) for v in opts["-l"])
+    assert resources["nodes"] == "2:ppn=2"                       # no node property: runs anywhere
+    assert re.fullmatch(r"\d+:\d\d:\d\d", resources["walltime"])
+    assert opts["-j"] == ["oe"] and opts["-r"] == ["y"]
+    text = PBS_SCRIPT.read_text()
+    assert "#PBS -l nodes=2:xeon:ppn=2" in text                  # the DevCloud example ...
+    assert not any("xeon" in d for d in directives(PBS_SCRIPT, "#PBS"))  # ... only as a comment
+
+
+def test_slurm_header_says_what_we_intend():
+    opts = dict(d.partition("=")[::2] for d in directives(SLURM_SCRIPT, "#SBATCH"))
+    for key in ("--nodes", "--ntasks-per-node", "--cpus-per-task", "--time", "--requeue", "--signal", "--output"):
+        assert key in opts, key
+    assert opts["--signal"] == "B:USR1@120"
+    assert opts["--output"].startswith("runs/")
+    assert int(opts["--ntasks-per-node"]) * int(opts["--cpus-per-task"]) <= 2   # fits the test node
+
+
+@pytest.mark.parametrize("script", [PBS_SCRIPT, SLURM_SCRIPT], ids=["pbs", "slurm"])
+def test_job_script_passes_bash_n_and_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if not shutil.which("shellcheck"):
+        unavailable("shellcheck is not installed (bash scripts/setup.sh test installs it)")
+    proc = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# PBS, as PBS runs a job: a spooled copy of the script, a clean environment, cwd = $HOME
+
+
+def run_pbs_job(tmp_path: Path, hosts: list[str], wrap=lambda cmd: cmd, timeout=RUN_TIMEOUT, **variables):
+    job_id = unique_job_id()
+    spool = tmp_path / "spool"
+    home = tmp_path / "home"
+    spool.mkdir(exist_ok=True)
+    home.mkdir(exist_ok=True)
+    script = spool / f"{job_id}.SC"                       # Torque runs a copy from mom_priv/jobs
+    shutil.copy(PBS_SCRIPT, script)
+    nodefile = write_nodefile(tmp_path / f"aux-{job_id}", hosts)
+    env = pbs_job_env(ROOT, job_id, nodefile, hosts, HOME=str(home), **variables)
+    cmd = wrap(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", str(script)])
+    t = time.monotonic()
+    proc = subprocess.run(cmd, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    log = proc.stdout                                        # -j oe: one log
+    (tmp_path / f"fmnist-dist.o{job_id.split('.')[0]}").write_text(log)
+    return proc.returncode, log, ROOT / "runs" / job_id, time.monotonic() - t
+
+
+def read_report(run_dir: Path, log: str) -> dict:
+    path = run_dir / "report.json"
+    assert path.exists(), f"no report in {run_dir}; job log ends:\n{log[-4000:]}"
+    return json.loads(path.read_text())
+
+
+def planned_threads(log: str) -> int:
+    m = re.search(r"up to \d+ per node, (\d+) thread\(s\) each", log)
+    assert m, log[-3000:]
+    return int(m.group(1))
+
+
+def check_report(report: dict, log: str, hosts: dict[str, list[int]]):
+    assert report["status"] == "completed", log[-4000:]
+    assert report["world"]["size"] == sum(len(r) for r in hosts.values())
+    assert report["world"]["hosts"] == hosts
+    assert [r["host"] for r in report["world"]["ranks"]] == [h for h, rs in hosts.items() for _ in rs]
+    # Threads: what launch-plan announced is what every rank used.
+    assert {r["threads"] for r in report["world"]["ranks"]} == {planned_threads(log)}
+    per_host = report["timing"]["per_host"]                 # which node was slow
+    assert {h: v["ranks"] for h, v in per_host.items()} == hosts
+    assert all(v["images_per_s"] > 0 for v in per_host.values())
+    assert report["results"]["test_accuracy"] > 0.6     # chance is 0.1; 100 steps reach ~0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_pbs_job_as_pbs_runs_it(tmp_path, launcher):
+    need("mpirun", root=False)
+    host = short_host()
+    rc, log, run_dir, seconds = run_pbs_job(tmp_path, [host, host], EXTRA=SHORT_EXTRA, LAUNCHER=launcher,
+                                            **LOOPBACK_MPI)
+    print(f"PBS job on one node ({launcher}): {seconds:.0f} s")
+    assert rc == 0, log[-4000:]
+    assert last_line(log) == f"fmnist-dist: done: report in {run_dir}/report.md"
+    expected = {"mpirun": "--hostfile", "horovodrun": f"-H {host}:2"}[launcher]
+    assert re.search(rf"launch  {launcher} -np 2 {expected}", log), log[:3000]
+    check_report(read_report(run_dir, log), log, {host: [0, 1]})
+    if launcher == "mpirun":
+        assert (run_dir / "hostfile").read_text() == f"{host} slots=2\n"
+    shutil.rmtree(run_dir)
+
+
+def failing(log: str, rc: int, message: str):
+    assert rc != 0, log
+    assert last_line(log).startswith(f"fmnist-dist: error: {message}"), log[-3000:]
+
+
+@pytest.mark.parametrize("variables, hosts, message", [
+    ({"VENV": "/nonexistent/venv"}, 2, "no Python environment: /nonexistent/venv/bin/activate not found"),
+    ({"PBS_NODEFILE": "/nonexistent/nodes"}, 2, "cannot read the node file PBS_NODEFILE=/nonexistent/nodes"),
+    ({"NP": "3"}, 2, "NP=3 ranks requested but the job has only 2 slots"),
+    ({"PBS_O_WORKDIR": ""}, 2, "PBS_O_WORKDIR is not set"),
+    ({"CONFIG": "configs/nope.yaml"}, 2, f"{ROOT}/configs/nope.yaml: config file not found"),
+    ({"FMNIST_MPI_ARGS": "--no-such-option"}, 2, "launch failed: mpirun exited with status 1"),
+], ids=["no-env", "no-nodefile", "too-many-ranks", "no-workdir", "bad-config", "mpirun-fails"])
+def test_pbs_job_fails_in_one_line(tmp_path, variables, hosts, message):
+    need("mpirun", root=False)
+    rc, log, run_dir, _ = run_pbs_job(tmp_path, [short_host()] * hosts, timeout=300, **variables)
+    failing(log, rc, message)
+    assert not (run_dir / "report.json").exists()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_pbs_job_failing_launch(tmp_path):
+    """The ranks start and fail (no data there): the launcher's failure is the job's last line."""
+    need("mpirun", root=False)
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    rc, log, run_dir, seconds = run_pbs_job(tmp_path, [short_host()] * 2, EXTRA=f"data.dir={empty}",
+                                            **LOOPBACK_MPI)
+    print(f"failing PBS job: {seconds:.0f} s")
+    failing(log, rc, "launch failed: mpirun exited with status")
+    assert f"fmnist-dist: error: {empty}" in log or log.count("fmnist-dist: error:") >= 2, log[-3000:]  # the rank's reason
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm: sbatch --wait on a one-node cluster of real daemons
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    need("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun")
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, expected", [
+    ("auto", "srun --mpi=pmix --ntasks=2 --cpus-per-task=1"),    # PMIx works with Debian's Open MPI
+    ("mpirun", "mpirun -np 2 --map-by slot:PE=1 --bind-to core"),  # the fallback inside the allocation
+], ids=["srun-pmix", "mpirun"])
+def test_slurm_job_on_a_real_cluster(slurm, tmp_path, launcher, expected):
+    (ROOT / "runs").mkdir(exist_ok=True)                      # sbatch --output=runs/... needs it
+    env = {"PATH": os.environ.get("PATH") or "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "SLURM_CONF": str(slurm.conf), "CONFIG": "configs/default.yaml", "EXTRA": SHORT_EXTRA,
+           "LAUNCHER": launcher, **ROOT_MPI_ENV, **LOOPBACK_MPI}
+    before = slurm.newest_job(all_states=True)
+    t = time.monotonic()
+    sbatch = subprocess.Popen(["sbatch", "--wait", str(SLURM_SCRIPT)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # While it runs, send the early warning that --signal=B:USR1@120 sends before the time
+        # limit: the job log notes it and the training goes on.
+        job_id = wait_for(lambda: (j := slurm.newest_job(all_states=True)) != before and j, 60, "the job")
+        log_path = ROOT / "runs" / f"slurm-{job_id}.out"
+        wait_for(lambda: log_path.exists() and "launch  " in log_path.read_text(), 300, "the launch")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=60)
+        stdout, stderr = sbatch.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    seconds = time.monotonic() - t
+    print(f"Slurm job {job_id} ({launcher}): {seconds:.0f} s")
+    log = log_path.read_text() if log_path.exists() else f"(no {log_path})\n{slurm.logs()}"
+    assert f"Submitted batch job {job_id}" in stdout, f"sbatch: {stdout} {stderr}"
+    job = slurm.job_fields(job_id)
+    assert sbatch.returncode == 0, f"sbatch --wait -> {sbatch.returncode}: {stderr}\n{log[-4000:]}"
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    run_dir = ROOT / "runs" / job_id
+    assert last_line(log) == f"fmnist-dist: done: report in {run_dir}/report.md"
+    assert f"launch  {expected}" in log
+    assert "fmnist-dist: warning: the job time limit is near (SIGUSR1 from Slurm)" in log
+    check_report(read_report(run_dir, log), log, {slurm.node: [0, 1]})
+    shutil.rmtree(run_dir)
+    log_path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Two nodes: network namespaces with their own hostnames, sshd in each, mpirun over ssh
+
+
+@pytest.mark.slow
+def test_pbs_job_on_two_nodes(tmp_path):
+    need("ip", "unshare", "sshd", "ssh", "ssh-keygen", "mpirun")
+    with two_nodes(tmp_path / "nodes") as nodes:
+        hosts = [name for name, *_ in NODES]
+        rc, log, run_dir, seconds = run_pbs_job(tmp_path, hosts, wrap=lambda cmd: in_node(NODES[0], cmd),
+                                                EXTRA=SHORT_EXTRA, FMNIST_MPI_ARGS=nodes.mpi_args)
+    print(f"PBS job on two nodes: {seconds:.0f} s")
+    assert rc == 0, log[-4000:]
+    assert "--mca btl_tcp_if_include 10.213.7.0/24" in log               # the plan used the veth subnet
+    report = read_report(run_dir, log)
+    check_report(report, log, {"fmnode1": [0], "fmnode2": [1]})
+    assert report["world"]["ranks"][0]["threads"] == 2                   # 1 rank per 2-core node
+    shutil.rmtree(run_dir)

@@ -1,0 +1,325 @@
+"""launch.py: node files and Slurm host lists, rank placement, threads, run directory, the launch
+command and the one-line failures of `fmnist-dist launch-plan`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_dist import launch, runtime
+from fmnist_dist.launch import LaunchError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the allocation ---------------------------------------------------------------------------
+
+def test_nodefile_one_line_per_slot():
+    assert launch.parse_nodefile("n1\nn1\nn2\nn2\n") == [("n1", 2), ("n2", 2)]
+
+
+def test_nodefile_keeps_first_seen_order_and_skips_blanks_and_comments():
+    text = "# Torque node file\n\ns002-n007.aidevcloud\ns001-n003.aidevcloud\n  s002-n007.aidevcloud  \n"
+    assert launch.parse_nodefile(text) == [("s002-n007.aidevcloud", 2), ("s001-n003.aidevcloud", 1)]
+
+
+def test_nodefile_also_reads_open_mpi_slots():
+    assert launch.parse_nodefile("a slots=4\nb np=2\n") == [("a", 4), ("b", 2)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no hosts in it"),
+    ("\n# nothing\n", "no hosts in it"),
+    ("a b c\n", "line 1: cannot read 'a b c'"),
+])
+def test_nodefile_errors(text, message):
+    with pytest.raises(LaunchError, match=message):
+        launch.parse_nodefile(text)
+
+
+def test_read_nodefile_unset_and_missing(tmp_path):
+    with pytest.raises(LaunchError, match="PBS_NODEFILE is not set"):
+        launch.read_nodefile(None)
+    with pytest.raises(LaunchError, match=r"cannot read the node file PBS_NODEFILE=.*nope: No such file"):
+        launch.read_nodefile(str(tmp_path / "nope"))
+    path = tmp_path / "nodes"
+    path.write_text("x\nx\n")
+    assert launch.read_nodefile(str(path)) == [("x", 2)]
+
+
+@pytest.mark.parametrize("spec, hosts", [
+    ("vm", ["vm"]),
+    ("n[01-03,07],gpu1", ["n01", "n02", "n03", "n07", "gpu1"]),
+    ("c[8-10]", ["c8", "c9", "c10"]),
+    ("r[1-2]-n[1-2]", ["r1-n1", "r1-n2", "r2-n1", "r2-n2"]),
+])
+def test_expand_slurm_hostlist(spec, hosts):
+    assert launch.expand_hostlist(spec) == hosts
+
+
+def test_tasks_per_node():
+    assert launch.parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert launch.parse_tasks_per_node("4") == [4]
+    with pytest.raises(LaunchError, match="cannot read SLURM_TASKS_PER_NODE"):
+        launch.parse_tasks_per_node("2(x)")
+
+
+def test_slurm_allocation():
+    env = {"SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "2(x2),1"}
+    assert launch.slurm_allocation(env) == [("n1", 2), ("n2", 2), ("n3", 1)]
+    with pytest.raises(LaunchError, match="does not match the 3 hosts"):
+        launch.slurm_allocation({**env, "SLURM_TASKS_PER_NODE": "2"})
+    with pytest.raises(LaunchError, match="not inside a Slurm allocation"):
+        launch.slurm_allocation({})
+
+
+# --- ranks and threads ------------------------------------------------------------------------
+
+def test_place_default_is_every_slot():
+    assert launch.place([("a", 2), ("b", 2)], None) == [("a", 2), ("b", 2)]
+
+
+def test_place_fewer_ranks_fills_slots_in_order():
+    assert launch.place([("a", 2), ("b", 2)], 3) == [("a", 2), ("b", 1)]
+    assert launch.place([("a", 2), ("b", 2)], 1) == [("a", 1)]
+
+
+def test_place_more_ranks_than_slots_is_an_error():
+    with pytest.raises(LaunchError, match=r"NP=5 ranks requested but the job has only 4 slots \(a:2, b:2\)"):
+        launch.place([("a", 2), ("b", 2)], 5)
+    with pytest.raises(LaunchError, match="at least 1"):
+        launch.place([("a", 2)], 0)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 24, 48, 56])
+@pytest.mark.parametrize("ranks_per_node", [1, 2, 3, 4, 8])
+def test_threads_agree_with_what_each_rank_computes(cores, ranks_per_node):
+    threads = launch.threads_per_rank(cores, ranks_per_node)
+    assert threads == max(1, cores // ranks_per_node)
+    # A rank bound to its `threads` cores (mpirun --map-by slot:PE=threads --bind-to core) ...
+    if ranks_per_node <= cores and threads < cores:
+        assert runtime.threads_for_rank(0, threads, cores, ranks_per_node) == threads
+    # ... and an unbound one sharing the node with its peers pick the same number.
+    assert runtime.threads_for_rank(0, cores, cores, ranks_per_node) == threads
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+def test_run_dir_from_job_id(tmp_path):
+    assert launch.job_run_dir("pbs", "4242.v-qsvr-1", str(tmp_path)) == str(tmp_path / "runs" / "4242.v-qsvr-1")
+    assert launch.job_run_dir("slurm", "77", "/w") == "/w/runs/77"
+    with pytest.raises(LaunchError, match="PBS_JOBID is not set"):
+        launch.job_run_dir("pbs", "", "/w")
+    with pytest.raises(LaunchError, match="SLURM_JOB_ID is not set"):
+        launch.job_run_dir("slurm", None, "/w")
+
+
+def test_run_dir_state(tmp_path):
+    assert launch.run_dir_state(str(tmp_path / "new")) == "new"
+    (tmp_path / "report.json").write_text(json.dumps({"status": "running"}))
+    assert launch.run_dir_state(str(tmp_path)) == "rerun"
+    (tmp_path / "report.json").write_text(json.dumps({"status": "completed"}))
+    assert launch.run_dir_state(str(tmp_path)) == "completed"
+
+
+# --- whole plans ------------------------------------------------------------------------------
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.yaml").write_text((ROOT / "configs" / "default.yaml").read_text())
+    return tmp_path
+
+
+def pbs_env(workdir, hosts, job_id="101.server", **extra):
+    nodefile = workdir / "nodes"
+    nodefile.write_text("".join(f"{h}\n" for h in hosts))
+    return {"PBS_NODEFILE": str(nodefile), "PBS_JOBID": job_id, "PATH": "/usr/bin:/bin",
+            "VIRTUAL_ENV": "/venv", "HOROVOD_LOG_LEVEL": "warning", "UNRELATED": "x", **extra}
+
+
+def plan(scheduler, env, workdir, **kw):
+    kw.setdefault("config", "configs/default.yaml")
+    kw.setdefault("cores_per_node", 8)
+    return launch.make_plan(scheduler, env, workdir=str(workdir), python="/venv/bin/python", check=False, **kw)
+
+
+def test_pbs_plan_mpirun(workdir):
+    p = plan("pbs", pbs_env(workdir, ["n1", "n1", "n2", "n2"]), workdir, extra="train.epochs=3 train.lr=0.002")
+    run_dir = str(workdir / "runs" / "101.server")
+    assert (p.ranks, p.ranks_per_node, p.threads_per_rank, p.run_dir) == (4, 2, 4, run_dir)
+    assert p.command[:12] == ["mpirun", "-np", "4", "--hostfile", f"{run_dir}/hostfile",
+                              "--map-by", "slot:PE=4", "--bind-to", "core", "--report-bindings", "-x", "PATH"]
+    assert "-x VIRTUAL_ENV" in " ".join(p.command) and "-x HOROVOD_LOG_LEVEL" in " ".join(p.command)
+    assert "UNRELATED" not in p.command
+    train = p.command[p.command.index("/venv/bin/python"):]
+    assert train == ["/venv/bin/python", "-m", "fmnist_dist", "train", "--config",
+                     str(workdir / "configs" / "default.yaml"), "--run-dir", run_dir,
+                     "--set", "train.epochs=3", "--set", "train.lr=0.002"]
+    assert (workdir / "runs" / "101.server" / "hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
+
+
+def test_pbs_plan_fewer_ranks_and_mpi_args(workdir):
+    env = pbs_env(workdir, ["a", "a", "b", "b"], FMNIST_MPI_ARGS="--mca btl_tcp_if_include 10.0.0.0/24")
+    p = plan("pbs", env, workdir, np=3)
+    assert p.placement == [("a", 2), ("b", 1)]
+    assert (workdir / "runs" / "101.server" / "hostfile").read_text() == "a slots=2\nb slots=1\n"
+    i = p.command.index("--mca")
+    assert p.command[i:i + 3] == ["--mca", "btl_tcp_if_include", "10.0.0.0/24"]
+    assert p.command[i + 3] == "/venv/bin/python"
+    assert "FMNIST_MPI_ARGS" not in p.command          # read here, not forwarded to the ranks
+
+
+def test_pbs_plan_oversubscribed_is_not_bound(workdir):
+    p = plan("pbs", pbs_env(workdir, ["a"] * 4), workdir, cores_per_node=2)
+    assert not p.bind and p.threads_per_rank == 1
+    assert ["--bind-to", "none"] == p.command[p.command.index("--bind-to"):p.command.index("--bind-to") + 2]
+    assert any("oversubscribed" in n for n in p.notes)
+
+
+def test_pbs_plan_horovodrun(workdir):
+    env = pbs_env(workdir, ["a", "a", "b", "b"], FMNIST_MPI_ARGS="--mca btl ^openib")
+    p = plan("pbs", env, workdir, launcher="horovodrun")
+    assert p.command[:6] == ["horovodrun", "-np", "4", "-H", "a:2,b:2", "--mpi-args=--mca btl '^openib'"]  # horovodrun runs mpirun through a shell
+    assert p.hostfile is None
+
+
+def test_pbs_plan_errors(workdir):
+    with pytest.raises(LaunchError, match="NP=3 ranks requested but the job has only 2 slots"):
+        plan("pbs", pbs_env(workdir, ["a", "a"]), workdir, np=3)
+    with pytest.raises(LaunchError, match="PBS_NODEFILE is not set"):
+        plan("pbs", {"PBS_JOBID": "1"}, workdir)
+    with pytest.raises(LaunchError, match="PBS_JOBID is not set"):
+        plan("pbs", {k: v for k, v in pbs_env(workdir, ["a"]).items() if k != "PBS_JOBID"}, workdir)
+    with pytest.raises(LaunchError, match="LAUNCHER=srun only works under Slurm"):
+        plan("pbs", pbs_env(workdir, ["a"]), workdir, launcher="srun")
+    with pytest.raises(LaunchError, match="is not KEY=VALUE"):
+        plan("pbs", pbs_env(workdir, ["a"]), workdir, extra="train.epochs")
+    with pytest.raises(LaunchError, match="train.epoch: unknown key"):
+        plan("pbs", pbs_env(workdir, ["a"]), workdir, extra="train.epoch=3")
+    with pytest.raises(LaunchError, match="missing.yaml"):
+        plan("pbs", pbs_env(workdir, ["a"]), workdir, config="configs/missing.yaml")
+
+
+def test_rerun_continues_an_unfinished_attempt_but_not_a_finished_run(workdir):
+    run_dir = workdir / "runs" / "101.server"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.json").write_text(json.dumps({"status": "running"}))
+    p = plan("pbs", pbs_env(workdir, ["a"]), workdir)
+    assert p.rerun and "--overwrite" not in p.command  # train resumes it from its checkpoint
+    (run_dir / "report.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(LaunchError, match="already holds a completed run"):
+        plan("pbs", pbs_env(workdir, ["a"]), workdir)
+
+
+def slurm_env(**extra):
+    return {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)",
+            "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "12", "PATH": "/usr/bin:/bin", **extra}
+
+
+def test_slurm_plan_srun_when_pmix(workdir):
+    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, has_pmix=lambda: True)
+    assert (p.launcher, p.ranks, p.threads_per_rank, p.cores_per_node) == ("srun", 4, 12, 24)
+    assert p.command[:5] == ["srun", "--mpi=pmix", "--ntasks=4", "--cpus-per-task=12", "--kill-on-bad-exit=1"]
+    assert p.run_dir == str(workdir / "runs" / "77")
+
+
+def test_slurm_plan_falls_back_to_mpirun(workdir):
+    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, has_pmix=lambda: False)
+    assert p.launcher == "mpirun" and p.hostfile is None    # Open MPI reads the Slurm allocation itself
+    assert p.command[:7] == ["mpirun", "-np", "4", "--map-by", "slot:PE=12", "--bind-to", "core"]
+    assert any("srun --mpi=pmix is not available" in n for n in p.notes)
+
+
+def test_slurm_plan_np_smaller_than_tasks(workdir):
+    p = plan("slurm", slurm_env(), workdir, np=2, has_pmix=lambda: True)
+    assert p.placement == [("n1", 2)] and "--ntasks=2" in p.command
+
+
+def test_mpi_list_parsing():
+    slurm_22 = "MPI plugin types are...\n\tpmix\n\tnone\n\tcray_shasta\n\tpmi2\nspecific pmix plugin versions available: pmix_v4\n"
+    assert launch.mpi_list_has_pmix(slurm_22)
+    assert not launch.mpi_list_has_pmix("MPI plugin types are...\n\tnone\n\tpmi2\n")
+    assert launch.mpi_list_has_pmix("MPI plugin types are...\n\tnone\n\tpmix_v3\n")
+
+
+def test_shell_output_round_trips_through_bash(workdir):
+    env = pbs_env(workdir, ["a", "b"], FMNIST_MPI_ARGS="--mca plm_rsh_args \"-F /x y/ssh config\"")
+    p = plan("pbs", env, workdir, extra="train.lr=1e-3", run_dir="runs/it's here")
+    script = 'eval "$PLAN"; printf "%s\\n" "$RUN_DIR"; printf "%s\\0" "${LAUNCH[@]}"'
+    out = subprocess.run(["bash", "-c", script], env={"PLAN": launch.shell_assignments(p)},
+                         capture_output=True, text=True, check=True).stdout
+    run_dir, _, args = out.partition("\n")
+    assert run_dir == str(workdir / "runs" / "it's here")
+    assert args.split("\0")[:-1] == p.command
+    assert "-F /x y/ssh config" in p.command
+
+
+# --- checks and the CLI -----------------------------------------------------------------------
+
+def test_check_python_missing_and_without_horovod(tmp_path):
+    with pytest.raises(LaunchError, match="does not exist or is not executable"):
+        launch.check_python(str(tmp_path / "bin" / "python"))
+    bare = "/usr/bin/python3"      # the system Python: no Horovod there
+    if os.path.exists(bare):
+        with pytest.raises(LaunchError, match=r"cannot import horovod.tensorflow \(ModuleNotFoundError"):
+            launch.check_python(bare)
+
+
+def cli(*args, env=None, cwd=None):
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fmnist_dist", "launch-plan", *args], env=full_env,
+                          cwd=cwd or ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"PBS_JOBID": "1"}, [], "fmnist-dist: error: PBS_NODEFILE is not set"),
+    ({"PBS_JOBID": "1", "PBS_NODEFILE": "/nonexistent/nodes"}, [],
+     "fmnist-dist: error: cannot read the node file PBS_NODEFILE=/nonexistent/nodes: No such file or directory"),
+    ({"PBS_JOBID": "1", "PBS_NODEFILE": "{nodes}"}, ["--np", "3"],
+     "fmnist-dist: error: NP=3 ranks requested but the job has only 2 slots"),
+    ({"PBS_JOBID": "1", "PBS_NODEFILE": "{nodes}"}, ["--np", "two"],
+     "fmnist-dist: error: NP='two': expected a whole number of ranks"),
+    ({"PBS_JOBID": "1", "PBS_NODEFILE": "{nodes}"}, ["--python", "/nonexistent/python"],
+     "fmnist-dist: error: the Python to launch, /nonexistent/python, does not exist"),
+    ({}, ["--scheduler", "slurm"], "fmnist-dist: error: SLURM_JOB_NODELIST / SLURM_TASKS_PER_NODE are not set"),
+])
+def test_cli_failures_are_one_line(tmp_path, env, args, message):
+    nodes = tmp_path / "nodes"
+    nodes.write_text("vm\nvm\n")
+    env = {k: v.replace("{nodes}", str(nodes)) for k, v in env.items()}
+    scheduler = [] if "--scheduler" in args else ["--scheduler", "pbs"]
+    proc = cli(*scheduler, *args, "--workdir", str(tmp_path), "--config", str(ROOT / "configs" / "default.yaml"),
+               env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+
+
+def test_cli_shell_format(tmp_path):
+    nodes = tmp_path / "nodes"
+    nodes.write_text("vm\nvm\n")
+    proc = cli("--scheduler", "pbs", "--format", "shell", "--workdir", str(tmp_path), "--no-check",
+               "--config", str(ROOT / "configs" / "default.yaml"), "--extra", "train.epochs=1",
+               env={"PBS_JOBID": "9.srv", "PBS_NODEFILE": str(nodes)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"RUN_DIR={tmp_path}/runs/9.srv\nLAUNCH=(mpirun -np 2 --hostfile ")
+    assert "fmnist-dist launch-plan: pbs job 9.srv: slots vm:2" in proc.stderr
+    proc = cli("--scheduler", "pbs", "--format", "json", "--workdir", str(tmp_path), "--no-check",
+               "--config", str(ROOT / "configs" / "default.yaml"), "--run-dir", "elsewhere",
+               env={"PBS_JOBID": "9.srv", "PBS_NODEFILE": str(nodes)})
+    assert json.loads(proc.stdout)["run_dir"] == str(tmp_path / "elsewhere")
+
+
+def test_mpirun_must_be_open_mpi(tmp_path):
+    fake = tmp_path / "mpirun"       # a real executable that answers like Intel MPI's mpirun
+    fake.write_text("#!/bin/sh\necho 'Intel(R) MPI Library for Linux* OS, Version 2021.10'\n")
+    fake.chmod(0o755)
+    with pytest.raises(LaunchError, match=r"is not Open MPI \(Intel\(R\) MPI Library.*LAUNCHER=horovodrun"):
+        launch.check_open_mpi(str(fake))
+    real = launch.shutil.which("mpirun")
+    if real:
+        launch.check_open_mpi(real)
