@@ -37,14 +37,24 @@ def launcher_rank(environ: dict[str, str] = os.environ) -> int:
     return 0
 
 
-def threads_for_rank(requested: int, affinity_cores: int, node_cores: int, local_size: int) -> int:
+def slurm_cpus_per_task(environ: dict[str, str] = os.environ) -> int | None:
+    """--cpus-per-task of the Slurm job step this process is a task of (None outside a step)."""
+    value = environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if environ.get("SLURM_STEP_ID") is not None and value.isdigit() else None
+
+
+def threads_for_rank(requested: int, affinity_cores: int, node_cores: int, local_size: int,
+                     cpus_per_task: int | None = None) -> int:
     """Intra-op threads: as configured, else the cores this rank may use.
 
     A rank bound by its launcher sees only its own cores in its affinity mask; an unbound rank sees
-    the whole node and shares it with the other ranks on the node.
+    the whole node and shares it with the other ranks on the node. Under a Slurm job step the
+    task's --cpus-per-task is the share (cgroups may confine the job without binding each task).
     """
     if requested > 0:
         return requested
+    if cpus_per_task:
+        return max(1, min(cpus_per_task, affinity_cores))
     if affinity_cores < node_cores:
         return max(1, affinity_cores)
     return max(1, node_cores // max(1, local_size))
@@ -54,7 +64,7 @@ def configure_environment(intel: Any, environ: dict[str, str] = os.environ) -> d
     """Set the variables TensorFlow, oneDNN, OpenMP and ITEX read at load time. Returns them."""
     local_size = launcher_local_size(environ)
     threads = threads_for_rank(intel.intra_op_threads, len(os.sched_getaffinity(0)),
-                               os.cpu_count() or 1, local_size)
+                               os.cpu_count() or 1, local_size, slurm_cpus_per_task(environ))
     settings = {
         "TF_ENABLE_ONEDNN_OPTS": "1" if intel.onednn else "0",
         "OMP_NUM_THREADS": str(threads),
@@ -141,7 +151,8 @@ def start(cfg: Any) -> Runtime:
     hvd.init()
     threads = int(os.environ["FMNIST_THREADS"])
     if cfg.intel.intra_op_threads == 0 and hvd.local_size() != launcher_local_size():
-        threads = threads_for_rank(0, len(os.sched_getaffinity(0)), os.cpu_count() or 1, hvd.local_size())
+        threads = threads_for_rank(0, len(os.sched_getaffinity(0)), os.cpu_count() or 1, hvd.local_size(),
+                                   slurm_cpus_per_task())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.intel.inter_op_threads)
     if cfg.intel.mixed_precision == "keras_bf16":

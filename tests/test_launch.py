@@ -323,3 +323,11 @@ def test_mpirun_must_be_open_mpi(tmp_path):
     real = launch.shutil.which("mpirun")
     if real:
         launch.check_open_mpi(real)
+
+
+def test_threads_follow_slurm_cpus_per_task_inside_a_step():
+    # a job confined by cgroups to 4 cores, 2 tasks with --cpus-per-task=2, not bound per task
+    assert runtime.threads_for_rank(0, 4, 8, 2, runtime.slurm_cpus_per_task(
+        {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "2"})) == 2
+    assert runtime.slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "2"}) is None  # batch script, not a task
+    assert runtime.threads_for_rank(3, 4, 8, 2, 2) == 3                        # the config wins
