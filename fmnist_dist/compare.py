@@ -254,7 +254,8 @@ def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[di
         members.sort(key=lambda r: (r["ranks"], -(r["images_per_s"] or 0)))
         base = members[0]
         multi = [r for r in members if r["ranks"] > 1]
-        comm_src = max(multi, key=lambda r: r["ranks"]) if multi else None
+        # communication from the largest multi-rank run, preferring one measured with the timeline
+        comm_src = max(multi, key=lambda r: (r["ranks"], r["split_method"] == "timeline")) if multi else None
         try:
             proj = projection.project(reports[base["path"]], reports[comm_src["path"]] if comm_src else None,
                                       nodes=nodes, ranks_per_node=ranks_per_node, latency_s=latency_s,

@@ -169,8 +169,12 @@ def scaling(rows: list[dict], path: str, projections: list[dict] | None = None) 
     ideal_x = sorted({base, max_ranks} | {r["ranks"] for r in rows if r.get("ranks")})
     ax.plot(ideal_x, [x / base for x in ideal_x], "--", color="gray", label="ideal (linear)")
     if max_ranks / base > 8:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("ranks")
     ax.set_ylabel(f"speedup in images/s over {base} rank{'s' if base != 1 else ''}")
     ax.set_title("scaling: speedup vs ranks (labels: parallel efficiency)", fontsize=10)

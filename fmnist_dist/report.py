@@ -14,7 +14,8 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
            evaluation_s, images_per_s, ranks [{rank, host, data_s, step_s, fit_s, wait_s,
            eval_s, steps, samples,
            compute_s, comm_s, comm_method (probe|timeline|single), tracing_s, other_s
-           (fit_s - step_s + tracing_s), step_median_s, step_spread, checkpoint_s,
+           (fit_s - step_s + tracing_s), step_median_s, step_spread, cpu_s, cpu_wait_s,
+           cpu_wait_share, loadavg, checkpoint_s,
            negotiate_s (timeline only); compute_s + comm_s + tracing_s = step_s}]}],
   timing {startup_s, data_load_s, training_s, evaluation_s, total_s, time_to_target_s,
           images_per_s, images_per_s_per_rank {rank: x}, imbalance, per_host {host: {...}}},

@@ -32,7 +32,10 @@ Every per-epoch rank record gets compute_s, comm_s, comm_method, other_s (framew
 fit_s - step_s, the part of Keras `fit` outside steps — callbacks, iterator set-up — plus
 tracing_s, the first step's excess over the median step when it is over 3x the median: graph
 tracing and optimisation), step_median_s and step_spread (interquartile range / median of the
-rank's step times) and checkpoint_s (0.0 unless the training loop put a value there).
+rank's step times), cpu_s / cpu_wait_s (thread-seconds the rank's threads ran / were runnable
+but waited for a core during fit, from /proc/self/task/*/schedstat), cpu_wait_share
+(= cpu_wait_s / (cpu_s + cpu_wait_s): how oversubscribed the node was), loadavg (1-minute load at
+the end of fit) and checkpoint_s (0.0 unless the training loop put a value there).
 compute_s + comm_s + tracing_s = step_s. See report.py for the schema.
 """
 from __future__ import annotations
@@ -251,6 +254,7 @@ class Timing:
         self.startup_ranks = startup_ranks
         self.windows: dict[int, list[tuple[float, float, str | None]]] = {}  # epoch -> fit chunks
         self.steps: dict[int, list[float]] = {}       # epoch -> this rank's step times
+        self.cpu: dict[int, list[float]] = {}         # epoch -> this rank's [cpu_s, cpu_wait_s] in fit
         self.step_stats: dict[int, list[dict]] = {}   # epoch -> per rank (index = rank)
         self.epoch = 0
         self._writer = None
@@ -279,6 +283,7 @@ class Timing:
                 elif timing.mode == "whole-run":
                     self._path = os.environ["HOROVOD_TIMELINE"]
                 timing.steps.setdefault(timing.epoch, [])
+                self._cpu0 = cpu_snapshot()
                 self._t0 = time.time()
 
             def on_train_batch_begin(self, batch, logs=None):
@@ -293,8 +298,15 @@ class Timing:
                     timing.rt.hvd.stop_timeline()
 
             def on_train_end(self, logs=None):
+                run, wait = (b - a for a, b in zip(self._cpu0, cpu_snapshot()))
+                cpu = timing.cpu.setdefault(timing.epoch, [0.0, 0.0])
+                cpu[0] += run
+                cpu[1] += wait
                 # every rank is here (end of fit): gather each rank's step-time statistics so far
                 stats = step_statistics(timing.steps.get(timing.epoch, []))
+                stats.update(cpu_s=cpu[0], cpu_wait_s=cpu[1],
+                             cpu_wait_share=cpu[1] / (cpu[0] + cpu[1]) if cpu[0] + cpu[1] > 0 else 0.0,
+                             loadavg=os.getloadavg()[0])
                 timing.step_stats[timing.epoch] = timing.rt.hvd_tf.allgather_object(stats)
 
         return [EpochWindow()]
@@ -400,6 +412,26 @@ class Timing:
         self._writer.flush()
         if final:
             self._writer.close()
+
+
+def cpu_snapshot() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) summed over this process's
+    threads, from the scheduler's /proc/self/task/*/schedstat (0, 0 where it is not available).
+    Waiting means the node's cores were busy: with other ranks, other jobs, or own threads."""
+    run = wait = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0, 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                fields = f.read().split()
+            run += int(fields[0])
+            wait += int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return run / 1e9, wait / 1e9
 
 
 def step_statistics(steps: list[float]) -> dict:
@@ -512,8 +544,8 @@ def breakdown_lines(report: dict) -> list[str]:
                      f"bandwidth {fit['bandwidth_Bps'] / 1e9:.2f} GB/s (R² {fit['r2']:.2f})" if fit else "") + "."]
     lines += ["", "start-up: process start to the first step (per rank); data input: building the epoch's "
               "shard; compute and communication: the split of the time inside training steps; wait: at the "
-              "epoch's end for the slowest rank; framework overhead: Keras fit outside steps (tracing in "
-              "epoch 1, callbacks); evaluation: validation each epoch; checkpointing: writing checkpoints.", ""]
+              "epoch's end for the slowest rank; framework overhead: Keras fit outside steps (graph "
+              "tracing in the first step, callbacks, creating and tearing down the data iterator); evaluation: validation each epoch; checkpointing: writing checkpoints.", ""]
     return lines
 
 

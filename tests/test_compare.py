@@ -1,0 +1,154 @@
+"""`report RUN_DIR RUN_DIR ...` on real runs (1 rank and 2 ranks): the comparison table, its
+speedup/efficiency arithmetic, json round-trip, and runs that failed, were preempted or cannot be
+read; plus the compute/communication split recorded per epoch and rank."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+from fmnist_dist import compare, timing
+from reporting_runs import cli, load, real_runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return real_runs(tmp_path_factory)
+
+
+def test_comparison_speedup_and_efficiency_arithmetic(runs):
+    one, two = load(runs["one"]), load(runs["two"])
+    proc = cli("report", str(runs["one"]), str(runs["two"]), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run"]: r for r in json.loads(proc.stdout)["rows"]}
+    r1, r2 = rows[one["run_id"]], rows[two["run_id"]]
+    assert r1["recipe_key"] == r2["recipe_key"], "threads per rank are world-dependent: same recipe"
+    assert (r1["ranks"], r2["ranks"]) == (1, 2) and r1["status"] == r2["status"] == "completed"
+    assert r1["images_per_s"] == pytest.approx(one["timing"]["images_per_s"])
+    assert r1["speedup"] == pytest.approx(1.0) and r1["efficiency"] == pytest.approx(1.0)
+    speedup = two["timing"]["images_per_s"] / one["timing"]["images_per_s"]
+    assert r2["speedup"] == pytest.approx(speedup)
+    assert r2["efficiency"] == pytest.approx(speedup / 2)
+    assert r2["baseline_runs"] == [one["run_id"]] and r2["baseline_ranks"] == 1
+    assert r2["test_accuracy"] == pytest.approx(two["results"]["test_accuracy"])
+    assert r2["split_method"] == "timeline" and r1["split_method"] == "single"
+    assert 0 < r2["comm_share"] < 1 and r1["comm_share"] == 0
+
+
+def test_text_table_has_speedup_and_efficiency_columns(runs):
+    proc = cli("report", str(runs["one"]), str(runs["two"]))
+    assert proc.returncode == 0, proc.stderr
+    header, first, second = proc.stdout.splitlines()[:3]
+    for column in ("ranks", "hosts", "train s", "to target s", "test acc", "images/s", "speedup",
+                   "efficiency", "precision", "ITEX", "oneDNN"):
+        assert column in header
+    assert "1.00x" in first and "100%" in first
+    r2 = compare.compare_rows(compare.load_all([str(runs["one"]), str(runs["two"])]))[1]
+    assert f"{r2['speedup']:.2f}x" in second and f"{r2['efficiency']:.0%}" in second
+
+
+def test_json_round_trips_and_md_csv_agree(runs):
+    paths = [str(runs["one"]), str(runs["two"])]
+    proc = cli("report", *paths, "--format", "json")
+    rows = compare.rows_from_json(proc.stdout)
+    assert rows == compare.compare_rows(compare.load_all(paths))
+    assert compare.render(rows, "text") == cli("report", *paths).stdout.rstrip("\n")
+    md = cli("report", *paths, "--format", "md").stdout
+    assert md.startswith("| run | status |") and "|---|---|---|---:|" in md
+    table = list(csv.DictReader(io.StringIO(cli("report", *paths, "--format", "csv").stdout)))
+    assert [float(r["speedup"]) for r in table] == pytest.approx([r["speedup"] for r in rows])
+
+
+def test_failed_preempted_and_unreadable_runs_are_shown(runs, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs["one"], root / "a-one")
+    shutil.copytree(runs["two"], root / "b-two")
+    for name, status, error in (("c-failed", "failed", "RuntimeError: out of memory"),
+                                ("d-preempted", "preempted", None)):
+        shutil.copytree(runs["two"], root / name)
+        report = load(root / name)
+        report.update(run_id=name, status=status, error=error, results={})
+        report["epochs"] = report["epochs"][:1]
+        (root / name / "report.json").write_text(json.dumps(report))
+    (root / "e-empty").mkdir()
+    old = load(runs["one"])
+    old["schema_version"] = 0
+    (root / "f-old").mkdir()
+    (root / "f-old" / "report.json").write_text(json.dumps(old))
+
+    proc = cli("report", str(root / "*"), "--format", "json")   # a glob the shell did not expand
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run"]: r for r in json.loads(proc.stdout)["rows"]}
+    assert set(rows) == {load(runs["one"])["run_id"], load(runs["two"])["run_id"], "c-failed",
+                         "d-preempted", "e-empty", "f-old"}
+    assert rows["c-failed"]["status"] == "failed" and rows["c-failed"]["epochs"] == 1
+    assert rows["c-failed"]["speedup"] is not None, "a failed run's finished epochs still count"
+    assert rows["d-preempted"]["status"] == "preempted"
+    assert rows["e-empty"]["status"] == "unreadable" and "no report here" in rows["e-empty"]["error"]
+    assert rows["f-old"]["status"] == "unreadable" and "schema version 0" in rows["f-old"]["error"]
+    assert "schema version 0" in proc.stderr
+
+    text = cli("report", str(root / "*")).stdout
+    assert "c-failed: failed (RuntimeError: out of memory); numbers cover its 1 finished epoch" in text
+    assert "f-old: not read:" in text and "this fmnist-dist reads version 1" in text
+    # baseline: completed runs only
+    assert rows["c-failed"]["baseline_runs"] == [load(runs["one"])["run_id"]]
+
+    # one unreadable run alone is refused clearly
+    proc = cli("report", str(root / "f-old"))
+    assert proc.returncode == 2 and "schema version 0" in proc.stderr
+
+
+def test_time_split_per_epoch_and_rank(runs):
+    two = load(runs["two"])
+    b = two["breakdown"]
+    assert b["method"] == "timeline" and "timeline" in b["method_detail"].lower()
+    assert [f.rsplit("/", 1)[-1] for f in b["timeline"]["files"]] == ["epoch-001.json", "epoch-002.json"]
+    for e in two["epochs"]:
+        for r in e["ranks"]:
+            assert r["comm_method"] == "timeline"
+            assert r["comm_s"] > 0 and r["compute_s"] > 0 and r["checkpoint_s"] == 0.0
+            assert r["compute_s"] + r["comm_s"] + r["tracing_s"] == pytest.approx(r["step_s"])
+            assert r["other_s"] == pytest.approx(r["fit_s"] - r["step_s"] + r["tracing_s"])
+    assert two["epochs"][0]["ranks"][0]["tracing_s"] > 0, "epoch 1's first step traces the graph"
+    assert [r["rank"] for r in b["ranks"]] == [0, 1]
+    for r in b["ranks"]:
+        assert r["startup_s"] > 0 and r["total_s"] == pytest.approx(sum(r[c] for c in timing.CATEGORIES))
+    probe = b["probe"]
+    assert probe["ranks"] == 2 and probe["seconds_per_call"] > 0 and len(probe["sizes"]) == len(timing.PROBE_SIZES)
+    assert probe["fit"]["bandwidth_Bps"] > 0
+    # float32 gradients of the trainable parameters (count_params also counts a few non-trainable ones)
+    assert 0 <= 4 * two["model"]["parameters"] - probe["gradient_bytes"] <= 4 * 64
+    one = load(runs["one"])
+    assert one["breakdown"]["method"] == "single" and "skipped" in one["breakdown"]["probe"]
+    assert all(r["comm_s"] == 0 and r["comm_method"] == "single" for e in one["epochs"] for r in e["ranks"])
+    md = (runs["two"] / "report.md").read_text()
+    assert "## Where the time went" in md and "Method: **timeline**" in md
+    assert "compute_s" in (runs["two"] / "epochs.csv").read_text().splitlines()[0]
+
+
+def test_probe_estimate_split_arithmetic():
+    r = {"rank": 0, "steps": 10, "step_s": 2.0, "fit_s": 2.5, "tracing_s": 0.5}
+    timing.split_record(r, size=2, probe_s=0.03, measured=None)
+    assert r["comm_method"] == "probe" and r["comm_s"] == pytest.approx(0.3)
+    assert r["compute_s"] == pytest.approx(1.2) and r["other_s"] == pytest.approx(1.0)
+    timing.split_record(r, size=2, probe_s=1.0, measured=None)   # an estimate above the step time
+    assert r["comm_s"] == pytest.approx(1.5) and r["compute_s"] == 0
+
+
+def test_timeline_union_and_partial_file(tmp_path):
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"start_time_since_epoch_in_micros": 10_000_000}},
+              {"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 0, "pid": 1}, {"ph": "E", "ts": 100, "pid": 1},
+              {"ph": "B", "name": "ALLREDUCE", "ts": 100, "pid": 1},
+              {"ph": "B", "name": "MPI_ALLREDUCE", "ts": 110, "pid": 1}, {"ph": "E", "ts": 290, "pid": 1},
+              {"ph": "E", "ts": 300, "pid": 1},
+              {"ph": "B", "name": "ALLREDUCE", "ts": 200, "pid": 2}, {"ph": "E", "ts": 400, "pid": 2}]
+    path = tmp_path / "t.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ', {"ph": "B", "na')  # still being written
+    start, comm, nego = timing.timeline_intervals(timing.read_timeline(str(path)))
+    assert start == 10.0 and timing.union_seconds(comm) == pytest.approx(300e-6)
+    assert timing.union_seconds(nego) == pytest.approx(100e-6)
+    assert timing.union_seconds(comm, (10.0 + 150e-6, 10.0 + 250e-6)) == pytest.approx(100e-6)

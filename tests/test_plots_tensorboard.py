@@ -1,0 +1,70 @@
+"""The run directory holds PNG plots (valid, of the documented size) and TensorBoard event files
+with the scalars; `report --plots` draws them again and the comparison's scaling plot."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from fmnist_dist import plots
+from reporting_runs import cli, load, real_runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return real_runs(tmp_path_factory)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR" and data[-8:-4] == b"IEND", f"{path} is not a complete PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_run_directory_has_the_plots(runs):
+    for run in runs.values():
+        for name in plots.RUN_PLOTS:
+            path = run / name
+            assert png_size(path) == plots.PIXELS == (800, 450)
+            assert 10_000 < path.stat().st_size < 200_000
+
+
+def test_report_draws_comparison_and_run_plots(runs, tmp_path):
+    out = tmp_path / "cmp"
+    proc = cli("report", str(runs["one"]), str(runs["two"]), "--plots", str(out), "--project")
+    assert proc.returncode == 0, proc.stderr
+    for name in plots.COMPARISON_PLOTS:
+        assert png_size(out / name) == plots.PIXELS
+    assert "plots: " in proc.stderr
+    single = tmp_path / "single"
+    proc = cli("report", str(runs["two"]), "--plots", str(single))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in single.iterdir()) == sorted(plots.RUN_PLOTS)
+
+
+def test_tensorboard_event_files_hold_the_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    report = load(runs["two"])
+    files = list((runs["two"] / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    acc = EventAccumulator(str(runs["two"] / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    expected = {"loss/train", "loss/validation", "accuracy/train", "accuracy/validation", "learning_rate",
+                "throughput/images_per_s", "time/epoch_training_s", "loss/test", "accuracy/test",
+                "throughput/rank0_images_per_s", "throughput/rank1_images_per_s"}
+    assert expected <= tags, expected - tags
+
+    def series(tag):
+        return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+    epochs = report["epochs"]
+    assert series("loss/train") == {e["epoch"]: pytest.approx(e["train_loss"], rel=1e-5) for e in epochs}
+    assert series("accuracy/validation") == {e["epoch"]: pytest.approx(e["val_accuracy"], rel=1e-5) for e in epochs}
+    assert series("learning_rate") == {e["epoch"]: pytest.approx(e["lr"], rel=1e-5) for e in epochs}
+    assert series("time/epoch_training_s") == {e["epoch"]: pytest.approx(e["training_s"], rel=1e-5) for e in epochs}
+    assert series("accuracy/test") == {2: pytest.approx(report["results"]["test_accuracy"], rel=1e-5)}
