@@ -156,7 +156,11 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
                 return
             saved = {**state, "epochs": report["epochs"], "segments": report["segments"],
                      "config": cfg, "world_size": world}
+            t_save = time.perf_counter()
             checkpoint.save(run_dir, model, optimizer, saved, ns.checkpoint.keep)
+            if report["epochs"] and state["position"] == 0:   # the checkpoint of the epoch just ended
+                rank0 = report["epochs"][-1]["ranks"][0]
+                rank0["checkpoint_s"] = rank0.get("checkpoint_s", 0.0) + time.perf_counter() - t_save
             report["status"] = status
             finish_timing(report, startup_s, data_load_s, target)
             report_mod.write_report(run_dir, report)
