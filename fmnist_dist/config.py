@@ -38,7 +38,7 @@ LAYER_PARAMS: dict[str, dict[str, tuple[type, Any]]] = {
     "maxpool": {"size": (int, 2)},
     "dense": {"units": (int, None)},
     "dropout": {"rate": (float, None)},
-    "batchnorm": {},
+    "batchnorm": {"momentum": (float, 0.9)},
     "flatten": {},
 }
 
@@ -93,6 +93,9 @@ SCHEMA: dict[str, Field] = {
                                    choices=("none", "keras_bf16", "itex_bf16")),
     "intel.intra_op_threads": Field(0, int, "threads per rank; 0 = cores available to the rank", min=0),
     "intel.inter_op_threads": Field(1, int, "TensorFlow inter-op threads per rank", min=1),
+    "intel.bind": Field("auto", str, "auto: a rank that may run on every core of a node shared with other "
+                        "ranks keeps to its slice of the cores (as mpirun --bind-to core would); off: never",
+                        choices=("auto", "off")),
     "intel.kmp_affinity": Field("granularity=fine,compact,1,0", str, "KMP_AFFINITY for OpenMP runtimes"),
     "intel.kmp_blocktime": Field(1, int, "KMP_BLOCKTIME in ms", min=0),
     "report.timeline": Field(False, bool, "record Horovod's timeline (one file per epoch in RUN_DIR/timeline) "

@@ -37,7 +37,9 @@ def _make_layer(spec: dict, seed: int) -> tf.keras.layers.Layer:
     if kind == "dropout":
         return StepDropout(spec["rate"], seed=seed)
     if kind == "batchnorm":
-        return tf.keras.layers.BatchNormalization()
+        # 0.9, not Keras' 0.99: the moving statistics used at evaluation then settle within ~50
+        # steps instead of ~500, so short runs evaluate what they trained.
+        return tf.keras.layers.BatchNormalization(momentum=spec["momentum"])
     if kind == "flatten":
         return tf.keras.layers.Flatten()
     raise ValueError(f"unknown layer type {kind!r}")  # config validation makes this unreachable

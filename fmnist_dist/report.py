@@ -9,7 +9,7 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
          initial_weights_sha256}]},
   data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank,
         global_batch_size},
-  model {layers, description, parameters, batch_norm, flops_per_image},
+  model {layers, description, parameters, trainable_parameters, batch_norm, flops_per_image},
   epochs [{epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, training_s,
            evaluation_s, images_per_s, ranks [{rank, host, data_s, step_s, fit_s, wait_s,
            eval_s, steps, samples,

@@ -35,7 +35,8 @@ tracing and optimisation), step_median_s and step_spread (interquartile range / 
 rank's step times), cpu_s / cpu_wait_s (thread-seconds the rank's threads ran / were runnable
 but waited for a core during fit, from /proc/self/task/*/schedstat), cpu_wait_share
 (= cpu_wait_s / (cpu_s + cpu_wait_s): how oversubscribed the node was), loadavg (1-minute load at
-the end of fit) and checkpoint_s (0.0 unless the training loop put a value there).
+the end of fit) and checkpoint_s (the training loop adds the end-of-epoch checkpoint write to rank
+0's record; 0.0 on the other ranks).
 compute_s + comm_s + tracing_s = step_s. See report.py for the schema.
 """
 from __future__ import annotations

@@ -131,6 +131,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
                  "batch_size_per_rank": batch, "global_batch_size": batch * world},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
+                  "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
                   "batch_norm": any(layer["type"] == "batchnorm" for layer in ns.model.layers),
                   "flops_per_image": flops_per_image(model)},
         "segments": state["segments"] + [segment], "epochs": state["epochs"], "timing": {}, "results": {},

@@ -110,7 +110,9 @@ def test_time_split_per_epoch_and_rank(runs):
     for e in two["epochs"]:
         for r in e["ranks"]:
             assert r["comm_method"] == "timeline"
-            assert r["comm_s"] > 0 and r["compute_s"] > 0 and r["checkpoint_s"] == 0.0
+            assert r["comm_s"] > 0 and r["compute_s"] > 0
+            # rank 0 writes the end-of-epoch checkpoint; the others only wait for it
+            assert (r["checkpoint_s"] > 0) if r["rank"] == 0 else (r["checkpoint_s"] == 0.0)
             assert r["compute_s"] + r["comm_s"] + r["tracing_s"] == pytest.approx(r["step_s"])
             assert r["other_s"] == pytest.approx(r["fit_s"] - r["step_s"] + r["tracing_s"])
     assert two["epochs"][0]["ranks"][0]["tracing_s"] > 0, "epoch 1's first step traces the graph"
@@ -120,8 +122,8 @@ def test_time_split_per_epoch_and_rank(runs):
     probe = b["probe"]
     assert probe["ranks"] == 2 and probe["seconds_per_call"] > 0 and len(probe["sizes"]) == len(timing.PROBE_SIZES)
     assert probe["fit"]["bandwidth_Bps"] > 0
-    # float32 gradients of the trainable parameters (count_params also counts a few non-trainable ones)
-    assert 0 <= 4 * two["model"]["parameters"] - probe["gradient_bytes"] <= 4 * 64
+    # float32 gradients of the trainable parameters (not of batch norm's moving statistics)
+    assert probe["gradient_bytes"] == 4 * two["model"]["trainable_parameters"] < 4 * two["model"]["parameters"]
     one = load(runs["one"])
     assert one["breakdown"]["method"] == "single" and "skipped" in one["breakdown"]["probe"]
     assert all(r["comm_s"] == 0 and r["comm_method"] == "single" for e in one["epochs"] for r in e["ranks"])

@@ -107,7 +107,7 @@ def test_finished_run_dir_is_refused_and_kept(horovodrun_report):
     before = (horovodrun_report / "report.json").read_bytes()
     proc = run(train_cmd(horovodrun_report))
     assert proc.returncode == 2
-    assert f"{horovodrun_report}: already holds a run" in proc.stderr
+    assert f"{horovodrun_report}: already holds a finished run" in proc.stderr
     assert (horovodrun_report / "report.json").read_bytes() == before
 
 
