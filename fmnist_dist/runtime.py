@@ -17,6 +17,8 @@ from typing import Any
 # Variables launchers set for "how many ranks share this node", in order of trust.
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "HOROVOD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+BOUND_BY_US = False   # set when configure_environment narrowed this process's affinity
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "HOROVOD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
 
 
 def launcher_local_size(environ: dict[str, str] = os.environ) -> int:
@@ -35,6 +37,29 @@ def launcher_rank(environ: dict[str, str] = os.environ) -> int:
         if environ.get(name, "").isdigit():
             return int(environ[name])
     return 0
+
+
+def launcher_local_rank(environ: dict[str, str] = os.environ) -> int | None:
+    """This rank's index among the ranks of its node, as the launcher announced it (None if unknown)."""
+    for name in LOCAL_RANK_VARS:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    if environ.get("SLURM_STEP_ID") is not None and environ.get("SLURM_LOCALID", "").isdigit():
+        return int(environ["SLURM_LOCALID"])
+    return None
+
+
+def cores_to_bind(affinity: set[int], node_cores: int, local_size: int, local_rank: int | None) -> list[int] | None:
+    """The slice of the node's cores an unbound rank should keep to (None: leave the affinity alone).
+
+    Only when the rank may run on every core of the node (no launcher binding, no cgroup) and shares
+    the node with other ranks: unbound, the OpenMP runtime that ITEX loads pins each rank's first
+    OpenMP thread by KMP_AFFINITY, and every rank picks the same first core (measured: 2 ranks on
+    2 cores both pinned a worker to core 0)."""
+    if local_rank is None or local_size < 2 or len(affinity) < node_cores or local_size > len(affinity):
+        return None
+    cores, share = sorted(affinity), len(affinity) // local_size
+    return cores[local_rank * share:(local_rank + 1) * share]
 
 
 def slurm_cpus_per_task(environ: dict[str, str] = os.environ) -> int | None:
@@ -63,6 +88,12 @@ def threads_for_rank(requested: int, affinity_cores: int, node_cores: int, local
 def configure_environment(intel: Any, environ: dict[str, str] = os.environ) -> dict[str, str]:
     """Set the variables TensorFlow, oneDNN, OpenMP and ITEX read at load time. Returns them."""
     local_size = launcher_local_size(environ)
+    if intel.bind == "auto":
+        cores = cores_to_bind(os.sched_getaffinity(0), os.cpu_count() or 1, local_size, launcher_local_rank(environ))
+        if cores:
+            os.sched_setaffinity(0, cores)
+            global BOUND_BY_US
+            BOUND_BY_US = True
     threads = threads_for_rank(intel.intra_op_threads, len(os.sched_getaffinity(0)),
                                os.cpu_count() or 1, local_size, slurm_cpus_per_task(environ))
     settings = {
@@ -192,6 +223,8 @@ def detect_environment(tf: Any, hvd: Any, threads: int, cfg: Any, itex: dict) ->
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "kmp_affinity": os.environ.get("KMP_AFFINITY"),
         "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
+        "bound_by": "fmnist-dist (intel.bind=auto)" if BOUND_BY_US else (
+            "launcher or scheduler" if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1) else "none"),
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "node_cores": os.cpu_count(),

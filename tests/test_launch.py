@@ -105,6 +105,30 @@ def test_threads_agree_with_what_each_rank_computes(cores, ranks_per_node):
     assert runtime.threads_for_rank(0, cores, cores, ranks_per_node) == threads
 
 
+@pytest.mark.parametrize("cores", [2, 4, 48])
+@pytest.mark.parametrize("ranks_per_node", [2, 3, 4])
+def test_unbound_ranks_take_disjoint_slices_of_the_node(cores, ranks_per_node):
+    everything = set(range(cores))
+    slices = [runtime.cores_to_bind(everything, cores, ranks_per_node, r) for r in range(ranks_per_node)]
+    if ranks_per_node > cores:
+        assert slices == [None] * ranks_per_node
+        return
+    share = cores // ranks_per_node
+    assert all(len(s) == share for s in slices)
+    assert len(set().union(*map(set, slices))) == share * ranks_per_node, "no core is given twice"
+    # each rank's thread count then follows its slice
+    assert {runtime.threads_for_rank(0, share, cores, ranks_per_node) for _ in slices} == {share}
+
+
+def test_binding_is_left_alone_when_it_is_not_ours_to_choose():
+    assert runtime.cores_to_bind({0, 1}, 2, 1, 0) is None            # alone on the node
+    assert runtime.cores_to_bind({1}, 2, 2, 1) is None               # bound by mpirun or a cgroup
+    assert runtime.cores_to_bind({0, 1}, 2, 2, None) is None         # local rank unknown
+    assert runtime.launcher_local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
+    assert runtime.launcher_local_rank({"SLURM_LOCALID": "3", "SLURM_STEP_ID": "0"}) == 3
+    assert runtime.launcher_local_rank({"SLURM_LOCALID": "3"}) is None   # the batch shell, not a task
+
+
 # --- run directory ----------------------------------------------------------------------------
 
 def test_run_dir_from_job_id(tmp_path):
