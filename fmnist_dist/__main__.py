@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .launch import add_launch_parser  # `launch-plan`: used by jobs/train.pbs and jobs/train.slurm
     add_launch_parser(sub)
+
+    from .bench import add_bench_parser  # `bench`: side-by-side throughput of the speed options
+    add_bench_parser(sub)
     return parser
 
 

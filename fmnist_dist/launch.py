@@ -14,7 +14,10 @@ The job scripts (jobs/train.pbs, jobs/train.slurm) only activate the environment
 * the command: mpirun (hostfile, mapping and binding, -x for the environment), horovodrun
   (host:slots) or, under Slurm, srun --mpi=pmix when this Slurm has the PMIx plugin;
 * checks before anything starts: the Python runs and imports horovod.tensorflow, the launcher is on
-  PATH, the node file is readable, the config is valid.
+  PATH, the node file is readable, the config is valid;
+* under PBS, a train.time_limit shortly before the job's walltime (PBS_WALLTIME), so that the
+  training checkpoints and exits 75 by itself instead of being killed (PBS gives SIGTERM only
+  seconds before SIGKILL); Slurm warns the job with --signal instead.
 
 A failed check prints one line, `fmnist-dist: error: ...`, and exits 2, so the job fails visibly.
 Extra arguments for mpirun (e.g. the network to use) come from FMNIST_MPI_ARGS, split like a shell.
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from . import runtime
 
 DEFAULT_CONFIG = "configs/default.yaml"
+WALLTIME_MARGIN = 120   # seconds before a PBS walltime at which training stops (like Slurm's --signal=B:USR1@120)
 MPI_ARGS_VAR = "FMNIST_MPI_ARGS"
 # Forwarded to every rank by mpirun (-x NAME forwards the current value; only names that are set).
 FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
@@ -286,6 +290,15 @@ def mpi_args(environ: dict[str, str]) -> list[str]:
         raise LaunchError(f"{MPI_ARGS_VAR}={text!r}: {e}") from None
 
 
+def walltime_limit(walltime: str) -> int | None:
+    """train.time_limit for a job of `walltime` seconds (PBS_WALLTIME; None if unset or unreadable):
+    WALLTIME_MARGIN seconds before it, or a fifth of it for jobs under 10 minutes."""
+    if not walltime.strip().isdigit() or int(walltime) < 10:
+        return None
+    seconds = int(walltime)
+    return seconds - (WALLTIME_MARGIN if seconds >= 600 else seconds // 5)
+
+
 def train_command(python: str, config: str, overrides: list[str], run_dir: str, rerun: bool) -> list[str]:
     cmd = [python, "-m", "fmnist_dist", "train", "--config", config, "--run-dir", run_dir]
     for item in overrides:
@@ -364,9 +377,14 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
     overrides = split_extra(extra)
     from . import config as config_mod
     try:
-        config_mod.load(config, overrides)
+        cfg = config_mod.load(config, overrides)
     except config_mod.ConfigError as e:
         raise LaunchError(str(e)) from None
+    limit = walltime_limit(environ.get("PBS_WALLTIME", "")) if scheduler == "pbs" else None
+    if limit is not None and cfg["train"]["time_limit"] is None:
+        overrides = overrides + [f"train.time_limit={limit}"]
+        notes.append(f"train.time_limit={limit} s (PBS_WALLTIME={environ['PBS_WALLTIME']} s): the training "
+                     f"checkpoints and exits 75 before the walltime; a rerun resumes it")
     if check:
         check_python(python)
     train = train_command(python, config, overrides, run_dir, rerun)
