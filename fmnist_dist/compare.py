@@ -231,6 +231,37 @@ def render(rows: list[dict], fmt: str = "text") -> str:
     return "\n".join(lines)
 
 
+def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "text") -> str:
+    """Completed runs grouped by recipe with train.seed left out: test accuracy mean, spread and
+    range, mean training time and images/s, the seeds. For the README's results table."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for path, report, _ in loaded:
+        if report is None or report.get("status") != "completed":
+            continue
+        cfg = json.loads(json.dumps(report.get("config") or {}))
+        seed = cfg.get("train", {}).pop("seed", None)
+        row = row_for(path, report, None)
+        groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"]), []).append({**row, "seed": seed})
+    head = ["recipe", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max", "train s", "images/s"]
+    table = []
+    for (name, _, ranks), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+        acc = [r["test_accuracy"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        table.append([name, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
+                      ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"] or 0)),
+                      f"{statistics.mean(acc):.2%}", f"{sd:.2%}", f"{min(acc):.2%}–{max(acc):.2%}",
+                      f"{statistics.mean(r['training_s'] for r in runs):.1f}",
+                      f"{statistics.mean(r['images_per_s'] for r in runs):.0f}"])
+    if fmt == "md":
+        return "\n".join(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+                         + ["| " + " | ".join(row) + " |" for row in table])
+    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(head)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [head, *table])
+
+
 def rows_from_json(text: str) -> list[dict]:
     data = json.loads(text)
     if data.get("schema") != COMPARISON_SCHEMA or data.get("schema_version") != COMPARISON_VERSION:
@@ -284,6 +315,8 @@ def add_report_arguments(p) -> None:
                    help="text (terminal), md (Markdown), csv, json (default text); csv of one run is its epochs.csv")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (one run: accuracy/loss, "
                    "throughput, time per rank; several: scaling and time per run)")
+    p.add_argument("--seeds", action="store_true", help="several runs: completed runs grouped by recipe with "
+                   "the seed left out: test accuracy mean, spread and range, mean training time and images/s")
     p.add_argument("--project", action="store_true", help="projected time per epoch and efficiency on more "
                    "nodes, with the model's assumptions, and its validation on the measured sizes")
     p.add_argument("--nodes", default="4,8,16,64", help="node counts for --project (default 4,8,16,64)")
@@ -337,6 +370,9 @@ def cmd_report(args) -> int:
     if all(r is None for _, r, _ in loaded):
         raise report_mod.ReportError("no readable report among the runs given:\n  "
                                      + "\n  ".join(e for _, _, e in loaded))
+    if args.seeds:
+        print(seed_summary(loaded, "md" if args.format == "md" else "text"))
+        return 0
     rows = compare_rows(loaded)
     projs, vals, problems = [], [], []
     if args.project:

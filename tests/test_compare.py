@@ -154,3 +154,25 @@ def test_timeline_union_and_partial_file(tmp_path):
     assert start == 10.0 and timing.union_seconds(comm) == pytest.approx(300e-6)
     assert timing.union_seconds(nego) == pytest.approx(100e-6)
     assert timing.union_seconds(comm, (10.0 + 150e-6, 10.0 + 250e-6)) == pytest.approx(100e-6)
+
+
+def test_seed_summary_groups_seeds_of_one_recipe(runs, tmp_path):
+    """`report --seeds`: runs that differ only in train.seed are one row with the accuracy's mean,
+    sample standard deviation and range; other recipes, world sizes and unfinished runs stay apart."""
+    two = load(runs["two"])
+    for seed, acc in ((1, 0.90), (2, 0.92), (3, 0.94)):
+        rep = json.loads(json.dumps(two))
+        rep["config"]["train"]["seed"], rep["results"]["test_accuracy"] = seed, acc
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "report.json").write_text(json.dumps(rep))
+    rep["status"] = "preempted"
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "report.json").write_text(json.dumps(rep))
+    proc = cli("report", str(runs["one"]), *(str(tmp_path / d) for d in ("s1", "s2", "s3", "p")), "--seeds",
+               "--format", "md")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| recipe | ranks | epochs | seeds | test acc mean | ± sd |")
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[1]: line for line in lines[2:]}
+    assert set(rows) == {"1", "2"}, "one row per world size"
+    assert "| 1,2,3 | 92.00% | 2.00% | 90.00%–94.00% |" in rows["2"]
