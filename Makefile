@@ -7,11 +7,14 @@ CONFIG ?= configs/default.yaml
 RUN_DIR ?= runs/make-train-$(shell date +%Y%m%d-%H%M%S)
 EXTRA ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+SEEDS ?= 1 2 3
+RECIPES ?= default fast seed
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup setup-test train test bench clean
+.PHONY: setup setup-test train test bench recipes clean
 
 setup:
 	@bash scripts/setup.sh run
@@ -24,6 +27,18 @@ train: setup
 
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Side-by-side throughput of every speed option (README "Benchmark"); figures, never assertions.
+bench: setup
+	$(PY) -m fmnist_dist bench $(BENCH_ARGS)
+
+# Every recipe x seed on NP ranks, then the results table (README "Results").
+recipes: setup
+	@for r in $(RECIPES); do for s in $(SEEDS); do \
+	  $(VENV)/bin/horovodrun -np $(NP) $(PY) -m fmnist_dist train --config configs/$$r.yaml --set train.seed=$$s \
+	    --run-dir runs/recipes/$$r-seed$$s --overwrite $(foreach s,$(EXTRA),--set $(s)) || exit 1; \
+	done; done
+	$(PY) -m fmnist_dist report 'runs/recipes/*' --seeds --format md
 
 clean:
 	rm -rf runs .pytest_cache
