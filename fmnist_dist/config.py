@@ -198,7 +198,7 @@ def _check(field: Field, key: str, value: Any, source: str) -> Any:
     kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) and {"on", "off"} <= set(field.choices):
+    if isinstance(value, bool) and ("on" if value else "off") in field.choices:
         value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
     if float in kinds and isinstance(value, str):
         value = _yaml11_float(value)  # PyYAML reads 1e-3 (no dot) as a string

@@ -19,8 +19,9 @@ def test_defaults_cover_every_schema_key():
 
 def test_file_then_overrides(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 3\n  lr: 2e-3\n")
-    cfg = config.load(path, ["train.epochs=5", "intel.itex=off", "train.target_accuracy=0.9"])
+    cfg = config.load(path, ["train.epochs=5", "intel.itex=off", "train.target_accuracy=0.9", "intel.bind=off"])
     assert cfg["train"]["epochs"] == 5
+    assert cfg["intel"]["bind"] == "off", "YAML 1.1 reads off as false; the key's choices take it back"
     assert cfg["train"]["lr"] == pytest.approx(2e-3)
     assert cfg["intel"]["itex"] == "off"
     assert cfg["train"]["target_accuracy"] == 0.9
