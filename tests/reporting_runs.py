@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-SHORT = ["--config", "configs/default.yaml", "--set", "train.epochs=2", "--set", "train.steps_per_epoch=100"]
+SHORT = ["--config", "configs/default.yaml", "--set", "train.epochs=2", "--set", "train.steps_per_epoch=100",
+         "--set", "train.batch_size=128"]   # the projection tests count steps of 128
 TIMEOUT = 600
 
 

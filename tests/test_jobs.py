@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import (NODES, ROOT, ROOT_MPI_ENV, SHORT_EXTRA, VENV, in_node, last_line, need, pbs_job_env,
-                     short_host, slurm_cluster, two_nodes, unavailable, unique_job_id, wait_for, write_nodefile)
+from cluster import (NODES, ROOT, ROOT_MPI_ENV, SHORT_CONFIG, SHORT_EXTRA, VENV, in_node, last_line, need,
+                     pbs_job_env, short_host, slurm_cluster, two_nodes, unavailable, unique_job_id, wait_for,
+                     write_nodefile)
 
 PBS_SCRIPT = ROOT / "jobs" / "train.pbs"
 SLURM_SCRIPT = ROOT / "jobs" / "train.slurm"
@@ -128,8 +129,8 @@ def check_report(report: dict, log: str, hosts: dict[str, list[int]]):
 def test_pbs_job_as_pbs_runs_it(tmp_path, launcher):
     need("mpirun", root=False)
     host = short_host()
-    rc, log, run_dir, seconds = run_pbs_job(tmp_path, [host, host], EXTRA=SHORT_EXTRA, LAUNCHER=launcher,
-                                            **LOOPBACK_MPI)
+    rc, log, run_dir, seconds = run_pbs_job(tmp_path, [host, host], CONFIG=SHORT_CONFIG, EXTRA=SHORT_EXTRA,
+                                            LAUNCHER=launcher, **LOOPBACK_MPI)
     print(f"PBS job on one node ({launcher}): {seconds:.0f} s")
     assert rc == 0, log[-4000:]
     assert last_line(log) == f"fmnist-dist: done: report in {run_dir}/report.md"
@@ -195,7 +196,7 @@ def slurm(tmp_path_factory):
 def test_slurm_job_on_a_real_cluster(slurm, tmp_path, launcher, expected):
     (ROOT / "runs").mkdir(exist_ok=True)                      # sbatch --output=runs/... needs it
     env = {"PATH": os.environ.get("PATH") or "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
-           "SLURM_CONF": str(slurm.conf), "CONFIG": "configs/default.yaml", "EXTRA": SHORT_EXTRA,
+           "SLURM_CONF": str(slurm.conf), "CONFIG": SHORT_CONFIG, "EXTRA": SHORT_EXTRA,
            "LAUNCHER": launcher, **ROOT_MPI_ENV, **LOOPBACK_MPI}
     before = slurm.newest_job(all_states=True)
     t = time.monotonic()
@@ -234,7 +235,8 @@ def test_pbs_job_on_two_nodes(tmp_path):
     with two_nodes(tmp_path / "nodes") as nodes:
         hosts = [name for name, *_ in NODES]
         rc, log, run_dir, seconds = run_pbs_job(tmp_path, hosts, wrap=lambda cmd: in_node(NODES[0], cmd),
-                                                EXTRA=SHORT_EXTRA, FMNIST_MPI_ARGS=nodes.mpi_args)
+                                                CONFIG=SHORT_CONFIG, EXTRA=SHORT_EXTRA,
+                                                FMNIST_MPI_ARGS=nodes.mpi_args)
     print(f"PBS job on two nodes: {seconds:.0f} s")
     assert rc == 0, log[-4000:]
     assert "--mca btl_tcp_if_include 10.213.7.0/24" in log               # the plan used the veth subnet
