@@ -20,6 +20,8 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
   timing {startup_s, data_load_s, training_s, evaluation_s, total_s, time_to_target_s,
           images_per_s, images_per_s_per_rank {rank: x}, imbalance, per_host {host: {...}}},
   results {val_accuracy, val_loss, test_accuracy, test_loss, test_correct, test_total,
+           eval_flip (validation and test logits averaged over each image and its mirror image),
+           test_accuracy_one_view (the test images alone; equals test_accuracy without eval_flip),
            target_accuracy, target_reached_epoch},
   breakdown (added in place, schema still 1; absent in older reports — readers fall back to
            the per-epoch fields) {method (probe|timeline|single|mixed), method_detail,
@@ -199,6 +201,9 @@ def summary_lines(report: dict) -> list[str]:
         + (f" ({res['test_correct']}/{res['test_total']})" if res.get("test_total") else "")
         + f" · validation {_pct(res.get('val_accuracy'))}",
     ]
+    if res.get("eval_flip"):
+        lines.append(f"  evaluated on each image and its mirror image (train.eval_flip); the images alone: "
+                     f"test accuracy {_pct(res.get('test_accuracy_one_view'))}")
     if res.get("target_accuracy") is not None:
         lines.append(f"  target {_pct(res['target_accuracy'])}: "
                      + (f"reached in {_secs(t['time_to_target_s'])} (epoch {res['target_reached_epoch']})"
@@ -232,7 +237,7 @@ def render_markdown(report: dict) -> str:
     for rank in w["ranks"]:
         rows = [r for e in report["epochs"] for r in e["ranks"] if r["rank"] == rank["rank"]]
         total = {c: sum(r[c] for r in rows) for c in RANK_COLUMNS}
-        ips = t["images_per_s_per_rank"].get(str(rank["rank"]), 0.0)
+        ips = t.get("images_per_s_per_rank", {}).get(str(rank["rank"]), 0.0)   # none before epoch 1 ends
         lines.append(f"| {rank['rank']} | {rank['host']} | {rank['threads']} | {total['samples']} | "
                      f"{total['data_s']:.2f} | {total['step_s']:.2f} | {total['fit_s']:.2f} | "
                      f"{total['wait_s']:.2f} | {total['eval_s']:.2f} | {ips:.0f} |")

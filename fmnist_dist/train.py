@@ -205,7 +205,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
                 break
 
             t_eval = time.perf_counter()
-            val = evaluate(model, dataset.x_train[val_idx], dataset.y_train[val_idx], rt, ns.train.eval_batch_size)
+            val = evaluate(model, dataset.x_train[val_idx], dataset.y_train[val_idx], rt, ns.train.eval_batch_size,
+                           ns.train.eval_flip)
             eval_s = time.perf_counter() - t_eval
             records = merge_records(state["partial"], rt.hvd_tf.allgather_object({"rank": rt.rank, "eval_s": eval_s}))
             metrics = {"lr": lr,
@@ -243,7 +244,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
         raise Preempted(stop_reason, run_dir)
 
     t_test = time.perf_counter()
-    test = evaluate(model, dataset.x_test, dataset.y_test, rt, ns.train.eval_batch_size)
+    test = evaluate(model, dataset.x_test, dataset.y_test, rt, ns.train.eval_batch_size, ns.train.eval_flip)
     test_eval_s = time.perf_counter() - t_test
     if rt.rank == 0:
         last = report["epochs"][-1]
@@ -251,6 +252,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
             "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
             "test_accuracy": test["accuracy"], "test_loss": test["loss"],
             "test_correct": test["correct"], "test_total": test["total"],
+            "eval_flip": ns.train.eval_flip,
+            "test_accuracy_one_view": test["one_view_accuracy"],
             "target_accuracy": target,
             "target_reached_epoch": next((e["epoch"] for e in report["epochs"]
                                           if target is not None and e["val_accuracy"] >= target), None),
@@ -446,21 +449,28 @@ def random_shift(tf, images, max_shift: int, seed):
         fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
 
 
-def evaluate(model, x: np.ndarray, y: np.ndarray, rt: runtime.Runtime, batch_size: int) -> dict:
-    """Exact accuracy over all of x: each rank predicts a disjoint part, counts are summed."""
+def evaluate(model, x: np.ndarray, y: np.ndarray, rt: runtime.Runtime, batch_size: int, flip: bool = False) -> dict:
+    """Exact accuracy over all of x: each rank predicts a disjoint part, counts are summed.
+    With flip, the logits of each image and its mirror image are averaged; the accuracy of the
+    image alone is returned too (one_view_accuracy)."""
     import tensorflow as tf
 
     part = np.array_split(np.arange(len(x)), rt.size)[rt.rank]
-    correct, loss_sum = 0, 0.0
+    correct, one_view_correct, loss_sum = 0, 0, 0.0
     for start in range(0, len(part), batch_size):
         idx = part[start:start + batch_size]
         logits = predict_logits(model, tf.constant(x[idx]))
         labels = y[idx].astype(np.int64)
+        one_view_correct += int(np.sum(np.argmax(logits, axis=1) == labels))
+        if flip:
+            logits = (logits + predict_logits(model, tf.constant(np.ascontiguousarray(x[idx][:, :, ::-1])))) / 2
         correct += int(np.sum(np.argmax(logits, axis=1) == labels))
         loss_sum += float(np.sum(tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
-    totals = rt.hvd.allreduce(tf.constant([correct, loss_sum, len(part)], tf.float64), op=rt.hvd.Sum)
-    correct, loss_sum, total = (float(v) for v in totals.numpy())
-    return {"accuracy": correct / total, "loss": loss_sum / total, "correct": int(correct), "total": int(total)}
+    totals = rt.hvd.allreduce(tf.constant([correct, one_view_correct, loss_sum, len(part)], tf.float64),
+                              op=rt.hvd.Sum)
+    correct, one_view_correct, loss_sum, total = (float(v) for v in totals.numpy())
+    return {"accuracy": correct / total, "one_view_accuracy": one_view_correct / total, "loss": loss_sum / total,
+            "correct": int(correct), "total": int(total)}
 
 
 def predict_logits(model, images_uint8) -> np.ndarray:
