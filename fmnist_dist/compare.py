@@ -243,8 +243,12 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
         cfg = json.loads(json.dumps(report.get("config") or {}))
         seed = cfg.get("train", {}).pop("seed", None)
         row = row_for(path, report, None)
-        groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"]), []).append({**row, "seed": seed})
-    head = ["recipe", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max", "train s", "images/s"]
+        res = report.get("results") or {}
+        one_view = res.get("test_accuracy_one_view") if res.get("eval_flip") else res.get("test_accuracy")
+        groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"]), []).append(
+            {**row, "seed": seed, "one_view": one_view})
+    head = ["recipe", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max", "one view", "train s",
+            "images/s"]
     table = []
     for (name, _, ranks), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
         acc = [r["test_accuracy"] for r in runs]
@@ -252,6 +256,7 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
         table.append([name, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
                       ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"] or 0)),
                       f"{statistics.mean(acc):.2%}", f"{sd:.2%}", f"{min(acc):.2%}–{max(acc):.2%}",
+                      _mean_pct([r["one_view"] for r in runs]),
                       f"{statistics.mean(r['training_s'] for r in runs):.1f}",
                       f"{statistics.mean(r['images_per_s'] for r in runs):.0f}"])
     if fmt == "md":
@@ -260,6 +265,13 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in [head, *table])
+
+
+def _mean_pct(values: list) -> str:
+    """Mean as a percentage; a dash when an older report lacks the value."""
+    import statistics
+
+    return "—" if None in values else f"{statistics.mean(values):.2%}"
 
 
 def rows_from_json(text: str) -> list[dict]:

@@ -163,6 +163,7 @@ def test_seed_summary_groups_seeds_of_one_recipe(runs, tmp_path):
     for seed, acc in ((1, 0.90), (2, 0.92), (3, 0.94)):
         rep = json.loads(json.dumps(two))
         rep["config"]["train"]["seed"], rep["results"]["test_accuracy"] = seed, acc
+        rep["results"].update(eval_flip=True, test_accuracy_one_view=acc - 0.01)
         (tmp_path / f"s{seed}").mkdir()
         (tmp_path / f"s{seed}" / "report.json").write_text(json.dumps(rep))
     rep["status"] = "preempted"
@@ -175,4 +176,4 @@ def test_seed_summary_groups_seeds_of_one_recipe(runs, tmp_path):
     assert lines[0].startswith("| recipe | ranks | epochs | seeds | test acc mean | ± sd |")
     rows = {tuple(c.strip() for c in line.strip("|").split("|"))[1]: line for line in lines[2:]}
     assert set(rows) == {"1", "2"}, "one row per world size"
-    assert "| 1,2,3 | 92.00% | 2.00% | 90.00%–94.00% |" in rows["2"]
+    assert "| 1,2,3 | 92.00% | 2.00% | 90.00%–94.00% | 91.00% |" in rows["2"]
