@@ -122,9 +122,10 @@ def test_mpirun_two_ranks(tmp_path):
 
 
 def test_single_process(tmp_path):
-    """One process, no launcher; evaluated on each image and its mirror image (train.eval_flip)."""
+    """One process, no launcher; trained with flips and evaluated on each image and its mirror
+    image (train.eval_flip)."""
     run_dir = tmp_path / "run"
-    proc = run(train_cmd(run_dir, "--set", "train.eval_flip=true"))
+    proc = run(train_cmd(run_dir, "--set", "train.augment_flip=true", "--set", "train.eval_flip=true"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = load(run_dir)
     check_report(report, ranks=1)
