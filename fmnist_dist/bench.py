@@ -95,7 +95,9 @@ VARIANTS = [
     Variant("mpi-2x1-fp32-bind", "2 ranks x 1 thread, horovodrun --mpi, -bind-to core", "ranks", "mpi-bind", 2,
             FP32),
     Variant("gloo-2x1-fp32", "2 ranks x 1 thread, horovodrun --gloo (intel.bind=auto)", "controller", "gloo", 2, FP32),
-    Variant("mpi-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP (as make train runs)", "ranks", "mpi", 2,
+    Variant("mpi-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP, horovodrun --mpi", "ranks", "mpi", 2,
+            {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
+    Variant("gloo-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP, horovodrun --gloo", "controller", "gloo", 2,
             {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
 ]
 BASELINE = "hvd-1x2-fp32"
@@ -116,6 +118,9 @@ COMPARISONS = [
     ("2x1 bf16 / 1x2 bf16", "2 ranks vs 1 rank at ITEX bf16", "mpi-2x1-itex-bf16",
      "hvd-1x2-itex-bf16"),
     ("Gloo / MPI (2x1)", "Horovod controller and collectives", "gloo-2x1-fp32", "mpi-2x1-fp32"),
+    ("Gloo / MPI (2x1 bf16)", "the same at ITEX bf16", "gloo-2x1-itex-bf16", "mpi-2x1-itex-bf16"),
+    ("2x1 Gloo bf16 / 1x2 bf16", "2 ranks under Gloo vs 1 rank at ITEX bf16", "gloo-2x1-itex-bf16",
+     "hvd-1x2-itex-bf16"),
     ("Horovod / plain Keras (1x2)", "Horovod's overhead at 1 rank", "hvd-1x2-fp32", "keras-1x2-fp32"),
     ("Horovod 2x1 / plain Keras 1x2", "2 Horovod ranks vs the same model without Horovod",
      "mpi-2x1-fp32", "keras-1x2-fp32"),
