@@ -99,6 +99,8 @@ VARIANTS = [
             {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
     Variant("gloo-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP, horovodrun --gloo", "controller", "gloo", 2,
             {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
+    Variant("gloo-2x1-keras-bf16", "2 ranks x 1 thread, bf16 Keras, horovodrun --gloo (as make train runs)",
+            "controller", "gloo", 2, {**FP32, "mixed_precision": "keras_bf16"}),
 ]
 BASELINE = "hvd-1x2-fp32"
 # (name, what it shows, A, B): ratio = images/s of A / images/s of B, launch by launch.
@@ -121,6 +123,8 @@ COMPARISONS = [
     ("Gloo / MPI (2x1 bf16)", "the same at ITEX bf16", "gloo-2x1-itex-bf16", "mpi-2x1-itex-bf16"),
     ("2x1 Gloo bf16 / 1x2 bf16", "2 ranks under Gloo vs 1 rank at ITEX bf16", "gloo-2x1-itex-bf16",
      "hvd-1x2-itex-bf16"),
+    ("2x1 Gloo keras bf16 / 1x2 keras bf16", "2 ranks under Gloo vs 1 rank at Keras bf16 (the default recipe)",
+     "gloo-2x1-keras-bf16", "hvd-1x2-keras-bf16"),
     ("Horovod / plain Keras (1x2)", "Horovod's overhead at 1 rank", "hvd-1x2-fp32", "keras-1x2-fp32"),
     ("Horovod 2x1 / plain Keras 1x2", "2 Horovod ranks vs the same model without Horovod",
      "mpi-2x1-fp32", "keras-1x2-fp32"),
