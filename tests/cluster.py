@@ -254,6 +254,10 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=60 State=UP
                 fields.setdefault(k, v)
         return fields
 
+    def job_processes(self, job_id: str) -> bool:
+        """Whether a slurmstepd of the job (any attempt) still runs on this machine."""
+        return subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job_id}\."], capture_output=True).returncode == 0
+
     def newest_job(self, all_states: bool = False) -> str | None:
         cmd = ["squeue", "-h", "-o", "%i"] + (["--states=all"] if all_states else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=60).stdout.split()

@@ -664,9 +664,13 @@ def test_slurm_job_preempted_requeued_and_finished(slurm, baseline, tmp_path, ho
             subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=60)
         else:
             slurm.scontrol("requeue", job_id)
-        # Slurm holds a requeued job for about two minutes (BeginTime); the test does not wait for that.
         wait_for(lambda: slurm.job_fields(job_id).get("Restarts") == "1"
                  and slurm.job_fields(job_id)["JobState"] == "PENDING", RUN_TIMEOUT, "the requeue")
+        # Slurm holds a requeued job for about two minutes (BeginTime), time for the node to clean up
+        # the first attempt, which shares the job id (spool directory, batch script). The test skips
+        # the hold, but only once that clean-up is done.
+        wait_for(lambda: slurm.node_idle() and not slurm.job_processes(job_id), 120,
+                 f"node {slurm.node} to clean up the first attempt of job {job_id}")
         slurm.scontrol("update", f"JobId={job_id}", "StartTime=now")
         if how == "signal":
             # A job that requeues itself ends its first attempt with exit 75 before the requeue takes
@@ -684,7 +688,8 @@ def test_slurm_job_preempted_requeued_and_finished(slurm, baseline, tmp_path, ho
     log = log_path.read_text() if log_path and log_path.exists() else f"(no log)\n{slurm.logs()}"
     job = slurm.job_fields(job_id)
     assert how == "signal" or sbatch.returncode == 0, f"sbatch --wait -> {sbatch.returncode}: {stderr}\n{log[-5000:]}"
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-5000:]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        f"{log[-5000:]}\n{slurm.logs()}"
     assert last_line(log) == f"fmnist-dist: done: report in {run_dir}/report.md", log[-5000:]
     if how == "signal":
         assert "fmnist-dist: warning: the job time limit is near (SIGUSR1 from Slurm)" in log
