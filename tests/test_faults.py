@@ -628,6 +628,33 @@ def running(proc: subprocess.Popen) -> bool:
     return True
 
 
+def signal_reached(pid: int, sig: int) -> bool:
+    """Whether the signal waits on a stopped process, or someone else has woken it (or it ended)."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    pending = int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+    return bool(pending >> (sig - 1) & 1) or not fields["State"].startswith("T")
+
+
+@contextlib.contextmanager
+def frozen_until_signalled(run_dir: Path, sig: int, timeout: float = 120):
+    """SIGSTOP the ranks of a run, let the caller send `sig` through a launcher chain (batch shell,
+    srun or mpirun), and SIGCONT the ranks once it waits on each of them. However slow that chain is
+    on a busy machine, the signal then lands mid-training, never after the run's last step."""
+    pids = signal_ranks(run_dir, signal.SIGSTOP)
+    try:
+        yield
+        wait_for(lambda: all(signal_reached(pid, sig) for pid in pids), timeout,
+                 f"signal {signal.Signals(sig).name} to reach the ranks {pids} of {run_dir}")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def job_log_line(log: str, prefix: str) -> str:
     return next((line for line in log.splitlines() if line.startswith(prefix)), f"(no line {prefix!r})")
 
@@ -638,6 +665,17 @@ def slurm(tmp_path_factory):
     need_mpi()
     with slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+def requeued(slurm, job_id: str, log_path: Path) -> bool:
+    """Whether the job waits for its second attempt; an AssertionError (with the logs) if it ended
+    without a requeue, rather than waiting until Slurm forgets it."""
+    job = slurm.job_fields(job_id)
+    if job.get("Restarts") == "0" and job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        log = log_path.read_text() if log_path.exists() else "(no log)"
+        raise AssertionError(f"job {job_id} ended {job['JobState']} {job.get('ExitCode')} without a requeue:\n"
+                             f"{log[-5000:]}\n{slurm.logs()}")
+    return job.get("Restarts") == "1" and job["JobState"] == "PENDING"
 
 
 @pytest.mark.slow
@@ -661,11 +699,11 @@ def test_slurm_job_preempted_requeued_and_finished(slurm, baseline, tmp_path, ho
         wait_for(lambda: running(sbatch) and newest_checkpoint(run_dir) >= 0, RUN_TIMEOUT,
                  f"a checkpoint of job {job_id}")
         if how == "signal":
-            subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=60)
+            with frozen_until_signalled(run_dir, signal.SIGUSR1):
+                subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=60)
         else:
-            slurm.scontrol("requeue", job_id)
-        wait_for(lambda: slurm.job_fields(job_id).get("Restarts") == "1"
-                 and slurm.job_fields(job_id)["JobState"] == "PENDING", RUN_TIMEOUT, "the requeue")
+            slurm.scontrol("requeue", job_id)      # SIGCONT + SIGTERM to every process of the job, directly
+        wait_for(lambda: requeued(slurm, job_id, log_path), RUN_TIMEOUT, "the requeue")
         # Slurm holds a requeued job for about two minutes (BeginTime), time for the node to clean up
         # the first attempt, which shares the job id (spool directory, batch script). The test skips
         # the hold, but only once that clean-up is done.
@@ -731,7 +769,8 @@ def test_pbs_job_stopped_by_sigterm_and_rerun(baseline, tmp_path):
     try:
         with Job(cmd, tmp_path, "pbs-1", run_dir, env=os.environ, cwd=home) as job:
             wait_for(lambda: job.alive() and newest_checkpoint(run_dir) >= 0, RUN_TIMEOUT, "the first checkpoint")
-            job.proc.send_signal(signal.SIGTERM)                  # env exec'd bash: this is the script
+            with frozen_until_signalled(run_dir, signal.SIGUSR1):
+                job.proc.send_signal(signal.SIGTERM)              # env exec'd bash: this is the script
             rc = job.wait(RUN_TIMEOUT)
         log = job.stdout + job.stderr
         assert rc == 75, job.tail()
