@@ -167,11 +167,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import config as config_mod
 
     if args.list:
+        width = max(len(v.name) for v in VARIANTS)
         for v in VARIANTS:
-            print(f"{v.name:24s} {v.launcher:9s} {v.ranks} rank(s)  {v.title}")
+            print(f"{v.name:{width}s} {v.launcher:9s} {v.ranks} rank(s)  {v.title}")
         print()
+        width = max(len(c[0]) for c in COMPARISONS)
         for name, what, a, b in COMPARISONS:
-            print(f"{name:34s} {a} / {b}  ({what})")
+            print(f"{name:{width}s} {a} / {b}  ({what})")
         return 0
     quick = args.quick
     config_path = args.config or (DEFAULT_CONFIG if os.path.exists(os.path.join(ROOT, DEFAULT_CONFIG)) else None)
