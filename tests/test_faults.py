@@ -667,11 +667,14 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
+JOB_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")     # Slurm job states after the last attempt
+
+
 def requeued(slurm, job_id: str, log_path: Path) -> bool:
     """Whether the job waits for its second attempt; an AssertionError (with the logs) if it ended
     without a requeue, rather than waiting until Slurm forgets it."""
     job = slurm.job_fields(job_id)
-    if job.get("Restarts") == "0" and job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+    if job.get("Restarts") == "0" and job["JobState"] in JOB_ENDED:
         log = log_path.read_text() if log_path.exists() else "(no log)"
         raise AssertionError(f"job {job_id} ended {job['JobState']} {job.get('ExitCode')} without a requeue:\n"
                              f"{log[-5000:]}\n{slurm.logs()}")
@@ -714,7 +717,7 @@ def test_slurm_job_preempted_requeued_and_finished(slurm, baseline, tmp_path, ho
             # A job that requeues itself ends its first attempt with exit 75 before the requeue takes
             # hold, and `sbatch --wait` may return on that attempt (seen: 1); Slurm's record of the
             # job is what counts: wait for the same job id to finish.
-            wait_for(lambda: slurm.job_fields(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+            wait_for(lambda: slurm.job_fields(job_id)["JobState"] in JOB_ENDED,
                      RUN_TIMEOUT, f"job {job_id} to finish after its requeue")
             sbatch.wait(timeout=60)
         stdout, stderr = sbatch.communicate(timeout=RUN_TIMEOUT)
