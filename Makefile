@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 CONFIG ?= configs/default.yaml
-RUN_DIR ?= runs/make-train-$(shell date +%Y%m%d-%H%M%S)
+STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/make-train-$(STAMP)
 EXTRA ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
@@ -26,8 +27,13 @@ setup-test:
 # 1 rank under Gloo and 0.8x under MPI (README "Benchmark"). Job scripts for clusters use mpirun/srun.
 HOROVODRUN := $(VENV)/bin/horovodrun --gloo
 
+SETS = $(foreach s,$(EXTRA),--set $(s))
+
+# The preflight needs MPI (mpi4py gathers the ranks' answers); it takes seconds, so MPI's slower
+# collectives do not matter there.
 train: setup
-	$(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config $(CONFIG) --run-dir $(RUN_DIR) $(foreach s,$(EXTRA),--set $(s))
+	$(VENV)/bin/horovodrun --mpi -np $(NP) $(PY) -m fmnist_dist preflight --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
+	$(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
 
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -40,7 +46,7 @@ bench: setup
 recipes: setup
 	@for r in $(RECIPES); do for s in $(SEEDS); do \
 	  $(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config configs/$$r.yaml --set train.seed=$$s \
-	    --run-dir runs/recipes/$$r-seed$$s --overwrite $(foreach s,$(EXTRA),--set $(s)) || exit 1; \
+	    --run-dir runs/recipes/$$r-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
 	$(PY) -m fmnist_dist report 'runs/recipes/*' --seeds --format md
 

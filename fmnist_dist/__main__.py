@@ -7,6 +7,7 @@ import sys
 
 from . import config as config_mod
 from . import report as report_mod
+from .errors import FmnistError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,17 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (config_mod.ConfigError, report_mod.ReportError) as e:
+    except FmnistError as e:   # the user's to fix: one line, exit 2; anything else is a bug (traceback)
         return fail(str(e))
-    except Exception as e:
-        from .checkpoint import CheckpointError
-        from .data import DataError
-        from .runtime import SetupError
-        from .train import RunDirError
-
-        if isinstance(e, (DataError, RunDirError, SetupError, CheckpointError)):
-            return fail(str(e))
-        raise
 
 
 def rank_zero() -> bool:
@@ -58,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.yaml (plus --set overrides that do not change the model, data or seed). "
                    "A run directory holding a checkpoint is also resumed without this flag")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preflight", help="check every rank's node before the training (run it through the "
+                       "job's launcher, one process per rank)", description="Every rank reports its host, CPU and ISA, "
+                       "cores and affinity, the software versions it imports, the data (checksums) and the run "
+                       "directory; rank 0 prints one table, agrees the precision, and exits 2 with one line per "
+                       "problem before anything expensive starts.")
+    p.add_argument("--config", help="YAML config the training will use")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides, as for train")
+    p.add_argument("--run-dir", help="the training's run directory: checked, and the record is kept there "
+                   "as preflight.json (default: only ./runs is checked, nothing is kept)")
+    p.add_argument("--data-dir", help="directory holding the Fashion-MNIST IDX files (same as data.dir)")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("report", help="print a run's report again, or compare several runs",
                        description="One run directory: its summary. Several (or a glob such as 'runs/*'): "
@@ -97,6 +102,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(report_mod.summary_lines(report)))
         print(f"  report: {os.path.join(run_dir, 'report.md')} (also report.json, epochs.csv, config.yaml)")
     return 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from .preflight import run
+
+    overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    cfg = config_mod.load(args.config, overrides)
+    return run(cfg, args.run_dir or "runs", keep_record=bool(args.run_dir))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -68,15 +68,21 @@ class Variant:
 
     @property
     def precision(self) -> str:
-        return {"none": "fp32", "keras_bf16": "bf16 (Keras)", "itex_bf16": "bf16 (ITEX AMP)"}[
-            self.intel.get("mixed_precision", "none")]
+        return {"fp32": "fp32", "keras_bf16": "bf16 (Keras)", "itex_bf16": "bf16 (ITEX AMP)"}[
+            self.intel.get("mixed_precision", "fp32")]
 
     @property
     def bf16(self) -> bool:
-        return self.intel.get("mixed_precision", "none") != "none"
+        return self.intel.get("mixed_precision", "fp32") != "fp32"
+
+    def skip_reason(self, node: dict) -> str | None:
+        """Why this variant cannot run on this node's CPU (None: it can)."""
+        if self.bf16 and not node["native_bf16"]:
+            return f"needs native bf16; this CPU offers {node['isa']}" + (f" ({node['isa_cap']})" if node["isa_cap"] else "")
+        return None
 
 
-FP32 = {"itex": "auto", "onednn": True, "mixed_precision": "none"}
+FP32 = {"itex": "auto", "onednn": True, "mixed_precision": "fp32"}
 VARIANTS = [
     Variant("hvd-1x2-fp32", "1 rank x 2 threads, fp32, ITEX + oneDNN", "baseline", "single", 1, FP32),
     Variant("hvd-1x2-keras-bf16", "1x2, bf16 Keras mixed precision", "precision", "single", 1,
@@ -218,23 +224,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings: dict, out: str,
               quick: bool, quiet_load: float = 1.0, quiet_wait: float = 0.0, log=print) -> dict:
     from . import config as config_mod
-    from . import runtime
 
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     started = _now()
     load_before, waited = wait_for_quiet(quiet_load, quiet_wait, log)
-    variants = [v for v in VARIANTS if v.name in settings["variants"]]
+    machine = machine_info()
+    chosen = [v for v in VARIANTS if v.name in settings["variants"]]
+    skipped = [{"name": v.name, "reason": v.skip_reason(machine)} for v in chosen if v.skip_reason(machine)]
+    variants = [v for v in chosen if not v.skip_reason(machine)]
     base_yaml = os.path.join(out, "base-config.yaml")
     with open(base_yaml, "w", encoding="utf-8") as f:
         f.write(config_mod.dump(cfg))
     result = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": started, "finished": None,
         "command": " ".join(shlex.quote(a) for a in sys.argv), "quick": quick, "host": socket.gethostname(),
-        "machine": machine_info(runtime), "config_file": config_path, "overrides": overrides, "config": cfg,
+        "machine": machine, "config_file": config_path, "overrides": overrides, "config": cfg,
         "settings": settings, "model": None,
         "load": {"before": load_before, "waited_s": waited, "quiet_load": quiet_load},
-        "peak": None, "variants": [], "comparisons": [], "launches": [],
+        "peak": None, "variants": [], "skipped": skipped, "comparisons": [], "launches": [],
     }
+    log(f"bench on {machine_line(machine)}")
+    for skip in skipped:
+        log(f"bench: skipped {skip['name']}: {skip['reason']}")
     log(f"bench: {len(variants)} variants x {settings['reps']} repetitions, {settings['warmup_steps']} warm-up + "
         f"{settings['steps']} timed steps of batch {settings['batch_size']} per rank; load average "
         f"{' '.join(f'{x:.2f}' for x in load_before)}" + (f" (waited {waited:.0f} s)" if waited else ""))
@@ -250,8 +261,9 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
             result["launches"].append(launch)
             if launch["ok"]:
                 peak_samples.append({"rep": rep + 1, **launch["result"]["peak"]})
-                log(f"[rep {rep + 1}] peak probe: fp32 {max(launch['result']['peak']['fp32']):.0f} GFLOP/s, "
-                    f"bf16 {max(launch['result']['peak']['bf16']):.0f} GFLOP/s")
+                log(f"[rep {rep + 1}] peak probe: " + ", ".join(
+                    f"{key} {max(values):.0f} GFLOP/s" for key, values in launch["result"]["peak"].items()
+                    if key in ("fp32", "bf16") and values))
             else:
                 log(f"[rep {rep + 1}] peak probe failed: {launch['error']}")
             launch.pop("result", None)
@@ -283,7 +295,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
     result["load"]["launches_load1_median"] = statistics.median([la["load1"] for la in result["launches"]])
     if peak_samples:
         result["peak"] = {"fp32_gflops": max(x for s in peak_samples for x in s["fp32"]),
-                          "bf16_gflops": max(x for s in peak_samples for x in s["bf16"]),
+                          "bf16_gflops": max((x for s in peak_samples for x in s["bf16"]), default=None),
                           "n": settings["peak_n"], "samples": peak_samples}
     result["variants"] = summarize_variants(variants, per_variant, environments, result["model"], result["peak"])
     result["comparisons"] = compare(per_variant)
@@ -461,7 +473,8 @@ def _peak_line(result: dict) -> str:
     if peak:
         parts.append(f"matmul peak (best of {sum(len(s['fp32']) for s in peak['samples'])} probes, "
                      f"{peak['n']}x{peak['n']}, 2 threads): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
-                     f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s")
+                     + (f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s" if peak["bf16_gflops"] else "bf16 not measured "
+                        "(no native bf16)"))
     if model:
         parts.append(f"model {model['description']}: {model['flops_per_image'] / 1e6:.2f} MFLOP/image forward, "
                      f"training ~3x = {model['train_flops_per_image'] / 1e6:.1f} MFLOP/image")
@@ -470,9 +483,7 @@ def _peak_line(result: dict) -> str:
 
 def text_table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"fmnist-dist bench on {result['host']}: {m['cpu_model']}, {m['cores']} cores, "
-             f"AVX-512 {'yes' if m['avx512f'] else 'no'}, avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, "
-             f"AMX {'yes' if m['amx'] else 'no'}",
+    lines = [f"fmnist-dist bench on {result['host']}: {machine_line(m)}",
              f"batch {result['settings']['batch_size']}/rank, {result['settings']['reps']} interleaved repetitions, "
              f"{result['settings']['warmup_steps']} warm-up + {result['settings']['steps']} timed steps per launch",
              _load_line(result), _peak_line(result), ""]
@@ -482,6 +493,7 @@ def text_table(result: dict) -> str:
         lines.append(f"{v['name']:24s} {v['ranks']}x{v['threads_per_rank']:<3d} {v['precision']:>15s} "
                      f"{_f(v['median']):>9s} {_f(v['spread'], '{:.0%}'):>7s} {_f(v['vs_baseline'], '{:.2f}x'):>8s} "
                      f"{_f(v['gflops']):>8s} {_f(v['peak_fraction'], '{:.0%}'):>8s}")
+    lines += [f"{v['name']:24s} skipped: {v['reason']}" for v in result.get("skipped", [])]
     if result["comparisons"]:
         lines += ["", f"{'comparison (same repetition, A/B)':40s} {'median':>7s} {'min':>6s} {'max':>6s}"]
         for c in result["comparisons"]:
@@ -493,8 +505,7 @@ def text_table(result: dict) -> str:
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     lines = [f"Benchmark (`python -m fmnist_dist bench{' --quick' if result['quick'] else ''}`), {result['started']}: "
-             f"{m['cpu_model']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512f'] else 'no'}, avx512_bf16 "
-             f"{'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx'] else 'no'}. "
+             f"{machine_line(m)}. "
              f"Batch {s['batch_size']} per rank; {s['reps']} interleaved repetitions of {s['warmup_steps']} "
              f"warm-up (excluded) + {s['steps']} timed steps per launch; median images/s, spread = "
              f"(max - min) / median. {_load_line(result)}.", "",
@@ -509,6 +520,8 @@ def markdown(result: dict) -> str:
                      f"{itex} | {onednn} | {_f(v['median'])} | {_f(v['spread'], '{:.0%}')} | "
                      f"{_f(v['vs_baseline'], '{:.2f}x')} | {_f(v['gflops'])} | "
                      f"{_f(v['peak_fraction'], '{:.0%}')} {v['peak_used'] if v['peak_fraction'] is not None else ''} |")
+    if result.get("skipped"):
+        lines += ["", "Skipped on this CPU: " + "; ".join(f"`{v['name']}` ({v['reason']})" for v in result["skipped"]) + "."]
     if result["comparisons"]:
         lines += ["", "| comparison (launches of the same repetition) | A / B, median | min | max |",
                   "|---|---:|---:|---:|"]
@@ -524,11 +537,21 @@ def markdown(result: dict) -> str:
 
 # ------------------------------------------------------------------------------- the machine
 
-def machine_info(runtime) -> dict:
-    flags = runtime.cpu_flags()
-    return {"cpu_model": runtime.cpu_model(), "cores": os.cpu_count(), "flags": flags,
-            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "amx": any(f.startswith("amx") for f in flags)}
+def machine_info() -> dict:
+    from . import cpu
+
+    node = cpu.node_facts()
+    return {"cpu_model": node["cpu_model"], "cores": os.cpu_count(), "flags": node["flags"], "isa": node["isa"],
+            "isa_cap": node["isa_cap"], "native_bf16": node["native_bf16"], "avx512": node["avx512"],
+            "avx512f": "avx512f" in node["flags"], "avx512_bf16": "avx512_bf16" in node["flags"],
+            "amx": any(f.startswith("amx") for f in node["flags"])}
+
+
+def machine_line(m: dict) -> str:
+    """The CPU as the kernels see it: the ISA oneDNN may use (after any ONEDNN_MAX_CPU_ISA cap)."""
+    cap = f" ({m['isa_cap']})" if m.get("isa_cap") else ""
+    return (f"{m['cpu_model']}, {m['cores']} cores, ISA {m['isa']}{cap}, native bf16 "
+            f"{'yes' if m['native_bf16'] else 'no'}, AMX {'yes' if m['amx'] else 'no'}")
 
 
 def _loadavg() -> list[float]:
@@ -594,20 +617,15 @@ def worker_main(spec_path: str) -> int:
 
 
 def start_without_horovod(ns):
-    """runtime.start minus Horovod: the same environment, ITEX, threads and precision policy."""
-    from . import runtime
+    """runtime.start minus Horovod: the same environment, ITEX, threads and precision decision."""
+    from . import cpu, runtime
 
-    runtime.configure_environment(ns.intel)
-    import tensorflow as tf
-
-    itex = runtime.load_itex(ns.intel.itex)
-    if ns.intel.mixed_precision == "itex_bf16" and not itex["loaded"]:
-        raise runtime.SetupError(f"intel.mixed_precision=itex_bf16 needs ITEX, which is not loaded ({itex['reason']})")
+    node = cpu.node_facts()
+    tf, itex = runtime.start_tensorflow(ns.intel, node)
     threads = int(os.environ["FMNIST_THREADS"])
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(ns.intel.inter_op_threads)
-    if ns.intel.mixed_precision == "keras_bf16":
-        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    runtime.set_precision(tf, ns.intel.mixed_precision, [node], itex)
     return tf, itex, threads
 
 
@@ -698,10 +716,13 @@ def throughput(ns, horovod: bool, warmup_steps: int, steps: int) -> dict | None:
 def peak_probe(ns, n: int, calls: int, rounds: int = 3) -> dict:
     """GFLOP/s of n x n matmuls in float32 and bfloat16 with all of this process's threads;
     rounds alternate the two types, each the best of `calls` timed calls after one warm-up."""
+    from . import cpu
+
     tf, itex, threads = start_without_horovod(ns)
     out = {"fp32": [], "bf16": [], "threads": threads, "itex": itex["loaded"]}
     mats = {}
-    for key, dtype in (("fp32", tf.float32), ("bf16", tf.bfloat16)):
+    dtypes = [("fp32", tf.float32)] + ([("bf16", tf.bfloat16)] if cpu.node_facts()["native_bf16"] else [])
+    for key, dtype in dtypes:
         a = tf.cast(tf.random.stateless_uniform((n, n), seed=[1, 2], minval=-1, maxval=1), dtype)
         b = tf.cast(tf.random.stateless_uniform((n, n), seed=[3, 4], minval=-1, maxval=1), dtype)
         mats[key] = (a, b)

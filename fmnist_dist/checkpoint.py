@@ -15,11 +15,13 @@ import shutil
 import sys
 import tempfile
 
+from .errors import FmnistError
+
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(FmnistError):
     """A checkpoint could not be written, or none could be read."""
 
 

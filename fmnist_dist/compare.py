@@ -109,13 +109,6 @@ def config_name(report: dict) -> str:
     return "defaults"
 
 
-def precision(env: dict) -> str:
-    if env.get("itex_auto_mixed_precision"):
-        return "bf16 (ITEX AMP)"
-    policy = env.get("mixed_precision_policy") or "float32"
-    return "bf16 (Keras)" if "bfloat16" in policy else policy
-
-
 def row_for(path: str, report: dict | None, error: str | None) -> dict:
     row: dict[str, Any] = {c[0]: None for c in COLUMNS}
     row.update({f: None for f in EXTRA_FIELDS})
@@ -137,7 +130,7 @@ def row_for(path: str, report: dict | None, error: str | None) -> dict:
         images_per_s=t.get("images_per_s") or None,
         comm_share=(comm / total if total > 0 else None) if report.get("epochs") else None,
         split_method=(report.get("breakdown") or {}).get("method"),
-        precision=precision(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
+        precision=report_mod.precision_label(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
         onednn="on" if env.get("onednn_enabled") else "off",
     )
     return row

@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from .errors import FmnistError
 
-class ConfigError(Exception):
+
+class ConfigError(FmnistError):
     """A configuration problem, worded for the user."""
 
 
@@ -92,8 +94,10 @@ SCHEMA: dict[str, Field] = {
     "intel.onednn": Field(True, bool, "oneDNN kernels in TensorFlow (TF_ENABLE_ONEDNN_OPTS)"),
     "intel.itex": Field("auto", str, "Intel Extension for TensorFlow: auto uses it when it loads",
                         choices=("auto", "on", "off")),
-    "intel.mixed_precision": Field("none", str, "bf16 mixed precision: Keras policy or ITEX AMP",
-                                   choices=("none", "keras_bf16", "itex_bf16")),
+    "intel.mixed_precision": Field("auto", str, "auto: bf16 (Keras policy) where every node's CPU has native "
+                                   "bf16 (avx512_bf16, amx_bf16), else fp32; fp32; keras_bf16 or itex_bf16 (ITEX "
+                                   "auto mixed precision): bf16, an error on a node without native bf16",
+                                   choices=("auto", "fp32", "keras_bf16", "itex_bf16")),
     "intel.intra_op_threads": Field(0, int, "threads per rank; 0 = cores available to the rank", min=0),
     "intel.inter_op_threads": Field(1, int, "TensorFlow inter-op threads per rank", min=1),
     "intel.bind": Field("auto", str, "auto: a rank that may run on every core of a node shared with other "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import FmnistError
+
 DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -50,7 +52,7 @@ NUM_CLASSES = 10
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(FmnistError):
     """One clear, specific message for the user (which file, expected vs actual, where searched)."""
 
 

@@ -35,6 +35,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from . import runtime
+from .errors import FmnistError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 WALLTIME_MARGIN = 120   # seconds before a PBS walltime at which training stops (like Slurm's --signal=B:USR1@120)
@@ -45,7 +46,7 @@ FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_P
 FORWARD_PREFIXES = ("FMNIST_", "HOROVOD_", "ITEX_", "TF_ENABLE_")
 
 
-class LaunchError(Exception):
+class LaunchError(FmnistError):
     """The job cannot be launched as asked; worded for the job log."""
 
 
@@ -65,6 +66,7 @@ class Plan:
     rerun: bool
     hostfile: str | None
     command: list[str]
+    preflight: list[str]                    # the same launch of `fmnist_dist preflight`, run first
     notes: list[str] = field(default_factory=list)
 
 
@@ -299,11 +301,13 @@ def walltime_limit(walltime: str) -> int | None:
     return seconds - (WALLTIME_MARGIN if seconds >= 600 else seconds // 5)
 
 
-def train_command(python: str, config: str, overrides: list[str], run_dir: str, rerun: bool) -> list[str]:
-    cmd = [python, "-m", "fmnist_dist", "train", "--config", config, "--run-dir", run_dir]
+def rank_command(python: str, subcommand: str, config: str, overrides: list[str], run_dir: str) -> list[str]:
+    """What each rank runs. A rerun needs no flag: train resumes an unfinished run directory from
+    its checkpoint."""
+    cmd = [python, "-m", "fmnist_dist", subcommand, "--config", config, "--run-dir", run_dir]
     for item in overrides:
         cmd += ["--set", item]
-    return cmd  # a rerun needs no flag: train resumes an unfinished run directory from its checkpoint
+    return cmd
 
 
 def split_extra(extra: str) -> list[str]:
@@ -387,7 +391,7 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
                      f"checkpoints and exits 75 before the walltime; a rerun resumes it")
     if check:
         check_python(python)
-    train = train_command(python, config, overrides, run_dir, rerun)
+    train = rank_command(python, "train", config, overrides, run_dir)
 
     if launcher == "auto":
         if scheduler == "slurm" and (launcher_ok("srun") and has_pmix()):
@@ -403,36 +407,35 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
             find_program("srun", "Slurm's launcher")
         if extra_mpi:
             notes.append(f"{MPI_ARGS_VAR} is ignored by srun (set OMPI_MCA_* variables instead)")
-        command = ["srun", "--mpi=pmix", f"--ntasks={ranks}", f"--cpus-per-task={threads}",
-                   "--kill-on-bad-exit=1", *train]
+        prefix = ["srun", "--mpi=pmix", f"--ntasks={ranks}", f"--cpus-per-task={threads}", "--kill-on-bad-exit=1"]
     elif launcher == "horovodrun":
         if check:
             find_program("horovodrun", "Horovod's launcher, installed in the environment by scripts/setup.sh")
             find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi")
-        command = ["horovodrun", "-np", str(ranks), "-H", ",".join(f"{h}:{n}" for h, n in placement)]
+        prefix = ["horovodrun", "-np", str(ranks), "-H", ",".join(f"{h}:{n}" for h, n in placement)]
         if extra_mpi:
-            command.append("--mpi-args=" + shlex.join(extra_mpi))
-        command += train
+            prefix.append("--mpi-args=" + shlex.join(extra_mpi))
     else:
         if check:
             check_open_mpi(find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi"))
-        command = ["mpirun", "-np", str(ranks)]
+        prefix = ["mpirun", "-np", str(ranks)]
         if scheduler == "pbs":  # under Slurm, Open MPI reads the allocation itself
             hostfile = os.path.join(run_dir, "hostfile")
-            command += ["--hostfile", hostfile]
+            prefix += ["--hostfile", hostfile]
         if bind:
-            command += ["--map-by", f"slot:PE={threads}", "--bind-to", "core"]
+            prefix += ["--map-by", f"slot:PE={threads}", "--bind-to", "core"]
         else:
-            command += ["--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
-        command.append("--report-bindings")
+            prefix += ["--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
+        prefix.append("--report-bindings")
         for name in forwarded_env(environ):
-            command += ["-x", name]
-        command += extra_mpi + train
+            prefix += ["-x", name]
+        prefix += extra_mpi
 
     plan = Plan(scheduler=scheduler, job_id=job_id or "", launcher=launcher, hosts=hosts,
                 placement=placement, ranks=ranks, ranks_per_node=ranks_per_node,
                 cores_per_node=cores_per_node, threads_per_rank=threads, bind=bind, run_dir=run_dir,
-                rerun=rerun, hostfile=hostfile, command=command, notes=notes)
+                rerun=rerun, hostfile=hostfile, command=prefix + train,
+                preflight=prefix + rank_command(python, "preflight", config, overrides, run_dir), notes=notes)
     if write:
         write_files(plan)
     return plan
@@ -463,6 +466,7 @@ def describe(plan: Plan) -> list[str]:
              f"  ranks {plan.ranks} on {len(plan.placement)} node(s), up to {plan.ranks_per_node} per node, "
              f"{plan.threads_per_rank} thread(s) each ({plan.cores_per_node} cores per node)",
              f"  run dir {plan.run_dir}",
+             f"  check   {shlex.join(plan.preflight)}",
              f"  launch  {shlex.join(plan.command)}"]
     lines += [f"  note: {n}" for n in plan.notes]
     return lines
@@ -471,6 +475,7 @@ def describe(plan: Plan) -> list[str]:
 def shell_assignments(plan: Plan) -> str:
     """What the job scripts eval: RUN_DIR and the LAUNCH array, shell-quoted."""
     return (f"RUN_DIR={shlex.quote(plan.run_dir)}\n"
+            f"PREFLIGHT=({' '.join(shlex.quote(a) for a in plan.preflight)})\n"
             f"LAUNCH=({' '.join(shlex.quote(a) for a in plan.command)})\n")
 
 

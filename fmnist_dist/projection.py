@@ -37,6 +37,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from .errors import FmnistError
+
 NODES = (4, 8, 16, 64)
 ERROR_FLOOR = 0.15
 # A validation compares like with like only if the target's threads did not wait for a core much
@@ -44,7 +46,7 @@ ERROR_FLOOR = 0.15
 MAX_EXTRA_CPU_WAIT = 0.15
 
 
-class ProjectionError(Exception):
+class ProjectionError(FmnistError):
     """The runs given do not allow a projection (say why)."""
 
 

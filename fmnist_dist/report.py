@@ -43,13 +43,14 @@ import os
 import statistics
 import tempfile
 from typing import Any
+from .errors import FmnistError
 
 SCHEMA = "fmnist-dist/report"
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.md", "epochs.csv")
 
 
-class ReportError(Exception):
+class ReportError(FmnistError):
     """A report that cannot be read: missing, corrupt or of an unknown schema."""
 
 
@@ -188,9 +189,7 @@ def summary_lines(report: dict) -> list[str]:
     """The short end-of-run summary printed by rank 0 and by `report RUN_DIR`."""
     t, res, w, env = report["timing"], report.get("results", {}), report["world"], report["environment"]
     hosts = len(w["hosts"])
-    prec = env.get("mixed_precision_policy", "float32")
-    if env.get("itex_auto_mixed_precision"):
-        prec = "itex bf16 AMP"
+    prec = precision_label(env)
     lines = [
         f"fmnist-dist run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if report.get("error") else ""),
         f"  ranks {w['size']} on {hosts} host{'s' if hosts != 1 else ''} · {env.get('intra_op_threads')} threads/rank"
@@ -208,11 +207,53 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"  target {_pct(res['target_accuracy'])}: "
                      + (f"reached in {_secs(t['time_to_target_s'])} (epoch {res['target_reached_epoch']})"
                         if t.get("time_to_target_s") is not None else "not reached"))
+    decision = (report.get("environment") or {}).get("precision")
+    if decision:
+        lines.append(f"  precision: {decision['reason']}")
     from .timing import share_line  # where the time went, in one line
     share = share_line(report)
     if share:
         lines.append(share)
     return lines
+
+
+def precision_label(env: dict) -> str:
+    """The precision the kernels really ran in (from the state TensorFlow and ITEX were in)."""
+    if env.get("itex_auto_mixed_precision"):
+        return "bf16 (ITEX AMP)"
+    policy = env.get("mixed_precision_policy") or "float32"
+    return "bf16 (Keras)" if "bfloat16" in policy else policy
+
+
+def precision_lines(report: dict) -> list[str]:
+    """Why this precision: the decision and each host's CPU as the decision saw it."""
+    env = report.get("environment") or {}
+    decision = env.get("precision")
+    if not decision:
+        return []
+    lines = [f"precision {precision_label(env)}: {decision['reason']} (intel.mixed_precision={decision['requested']})"]
+    seen = set()
+    for node in env.get("nodes") or []:
+        if node["host"] not in seen:
+            seen.add(node["host"])
+            cap = f", {node['isa_cap']}" if node.get("isa_cap") else ""
+            lines.append(f"  {node['host']}: {node['cpu_model']}, {node['isa']}{cap} "
+                         f"(flags {' '.join(node['flags']) or 'none of note'})")
+    return lines
+
+
+def _section(title: str, lines: list[str]) -> list[str]:
+    return [f"## {title}", "", *[f"    {line}" for line in lines], ""] if lines else []
+
+
+def _preflight_lines(report: dict) -> list[str]:
+    record = report.get("preflight")
+    if not record:
+        return []
+    from .preflight import table
+
+    return [f"checked {record['checked']} in {record['seconds']:.1f} s; clock skew up to "
+            f"{1000 * record['clock_skew_s']:.1f} ms", *table(record["ranks"], record["clock_offsets_s"])]
 
 
 def render_markdown(report: dict) -> str:
@@ -224,6 +265,8 @@ def render_markdown(report: dict) -> str:
              f"(slowest rank's busy time over the mean). Model: {report['model']['description']} "
              f"({report['model']['parameters']:,} parameters, batch norm "
              f"{'yes' if report['model']['batch_norm'] else 'no'}).", "",
+             *_section("Precision and CPUs", precision_lines(report)),
+             *_section("Preflight", _preflight_lines(report)),
              "## Epochs", "",
              "| epoch | lr | train loss | train acc | val loss | val acc | training s | eval s | images/s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

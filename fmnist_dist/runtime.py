@@ -14,6 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import cpu
+from .errors import SetupError
+
 # Variables launchers set for "how many ranks share this node", in order of trust.
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "HOROVOD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
@@ -126,8 +129,9 @@ def itex_in_site_packages() -> str | None:
     return None
 
 
-def load_itex(requested: str) -> dict:
-    """Load ITEX's CPU plugin into TensorFlow (before any op runs) when requested and present."""
+def load_itex(requested: str, node: dict) -> dict:
+    """Load ITEX's CPU plugin into TensorFlow (before any op runs) when requested and present;
+    intel.itex=auto loads it only on a node with native bf16 (cpu.itex_pays says why)."""
     forced = itex_in_site_packages()
     if forced:
         if requested == "off":
@@ -136,6 +140,8 @@ def load_itex(requested: str) -> dict:
         return _itex_imported(requested)
     if requested == "off":
         return {"loaded": False, "version": None, "reason": "disabled by intel.itex=off"}
+    if requested == "auto" and not cpu.itex_pays(node):
+        return {"loaded": False, "version": None, "reason": f"intel.itex=auto: not used on {node['isa']} ({cpu.ITEX_AUTO_WHY})"}
     plugins = os.path.join(itex_dir(), "tensorflow-plugins")
     if not os.path.isdir(plugins):
         if requested == "on":
@@ -148,10 +154,6 @@ def load_itex(requested: str) -> dict:
     load_library.load_library(plugins)
     load_library.load_pluggable_device_library(plugins)
     return _itex_imported(requested)
-
-
-class SetupError(Exception):
-    """The software environment cannot do what the config asks (e.g. ITEX requested, not installed)."""
 
 
 @dataclass
@@ -169,16 +171,12 @@ class Runtime:
 
 
 def start(cfg: Any) -> Runtime:
-    """Import TF and Horovod, init Horovod, size the thread pools, set precision. Canonical order."""
-    configure_environment(cfg.intel)
-    import tensorflow as tf
-
-    itex = load_itex(cfg.intel.itex)  # before Horovod's library: loading ITEX after it aborts
+    """Import TF and Horovod, init Horovod, size the thread pools, agree on the precision."""
+    node = cpu.node_facts()                        # this node's ISA, before TensorFlow loads
+    tf, itex = start_tensorflow(cfg.intel, node)   # ITEX before Horovod: loading it after aborts
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
 
-    if cfg.intel.mixed_precision == "itex_bf16" and not itex["loaded"]:
-        raise SetupError(f"intel.mixed_precision=itex_bf16 needs ITEX, which is not loaded ({itex['reason']})")
     hvd.init()
     threads = int(os.environ["FMNIST_THREADS"])
     if cfg.intel.intra_op_threads == 0 and hvd.local_size() != launcher_local_size():
@@ -186,13 +184,34 @@ def start(cfg: Any) -> Runtime:
                                    slurm_cpus_per_task())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.intel.inter_op_threads)
-    if cfg.intel.mixed_precision == "keras_bf16":
-        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    # Every rank's CPU, gathered: the least capable node decides, so ranks never mix numerics, and
+    # an impossible bf16 request fails on every rank here, before the first op could abort.
+    nodes = hvd_tf.allgather_object(node)
+    precision = set_precision(tf, cfg.intel.mixed_precision, nodes, itex)
     rt = Runtime(hvd=hvd, rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
                  local_size=hvd.local_size(), host=socket.gethostname(), threads=threads,
                  hvd_tf=hvd_tf)
-    rt.environment = detect_environment(tf, hvd, threads, cfg, itex)
+    rt.environment = detect_environment(tf, hvd, threads, cfg, itex, precision, nodes)
     return rt
+
+
+def start_tensorflow(intel: Any, node: dict) -> tuple[Any, dict]:
+    """Set the load-time environment, import TensorFlow and load ITEX (as intel.itex and the node allow)."""
+    configure_environment(intel)
+    import tensorflow as tf
+
+    return tf, load_itex(intel.itex, node)
+
+
+def set_precision(tf: Any, requested: str, nodes: list[dict], itex: dict) -> dict:
+    """Resolve intel.mixed_precision against every rank's node and apply it (Keras policy; ITEX's
+    auto mixed precision was switched on at load time by configure_environment)."""
+    precision = cpu.resolve_precision(requested, nodes)
+    if precision["chosen"] == "itex_bf16" and not itex["loaded"]:
+        raise SetupError(f"intel.mixed_precision=itex_bf16 needs ITEX, which is not loaded ({itex['reason']})")
+    if precision["chosen"] == "keras_bf16":
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    return precision
 
 
 def _itex_imported(requested: str) -> dict:
@@ -205,7 +224,8 @@ def _itex_imported(requested: str) -> dict:
     return {"loaded": True, "version": getattr(itex, "__version__", "unknown"), "reason": ""}
 
 
-def detect_environment(tf: Any, hvd: Any, threads: int, cfg: Any, itex: dict) -> dict:
+def detect_environment(tf: Any, hvd: Any, threads: int, cfg: Any, itex: dict, precision: dict,
+                       nodes: list[dict]) -> dict:
     """Facts detected at run time (not what was asked for)."""
     import horovod
 
@@ -225,8 +245,10 @@ def detect_environment(tf: Any, hvd: Any, threads: int, cfg: Any, itex: dict) ->
         "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
         "bound_by": "fmnist-dist (intel.bind=auto)" if BOUND_BY_US else (
             "launcher or scheduler" if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1) else "none"),
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu_model": cpu.cpu_model(),
+        "cpu_flags": cpu.cpu_flags(),
+        "precision": precision,
+        "nodes": nodes,
         "node_cores": os.cpu_count(),
         "affinity_cores": sorted(os.sched_getaffinity(0)),
         "platform": platform.platform(),
@@ -239,25 +261,3 @@ def onednn_enabled() -> bool:
     from tensorflow.python.util import _pywrap_util_port
 
     return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The flags that matter for TF's CPU kernels (AVX-512, bf16, AMX, VNNI)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    wanted = re.compile(r"^(avx2|fma|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|avx_vnni|amx_\w+)$")
-    return sorted(f for f in set(flags) if wanted.match(f))

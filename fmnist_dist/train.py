@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -19,9 +20,11 @@ import numpy as np
 from . import checkpoint
 from . import config as config_mod
 from . import data as data_mod
+from . import preflight
 from . import report as report_mod
 from . import runtime
 from . import timing as timing_mod
+from .errors import FmnistError
 
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: stopped cleanly and checkpointed; requeue to resume
@@ -31,7 +34,7 @@ RESUME_INCOMPATIBLE = ("model.layers", "data.val_size", "train.seed", "train.bat
                        "intel.mixed_precision")
 
 
-class RunDirError(Exception):
+class RunDirError(FmnistError):
     """The run directory cannot be used (holds a finished run, not writable, ...)."""
 
 
@@ -117,7 +120,12 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     segment = {"segment": len(state["segments"]) + 1, "started": started, "world_size": world,
                "hosts": sorted(world_info["hosts"]), "resumed_from": resumed_from,
                "start_epoch": state["epoch"], "start_position": state["position"],
-               "peak_lr": lr_schedule.peak_lr, "training_s": 0.0, "ended": None, "end": "running"}
+               "peak_lr": lr_schedule.peak_lr, "precision": rt.environment["precision"]["chosen"],
+               "training_s": 0.0, "ended": None, "end": "running"}
+    before = state["segments"][-1].get("precision") if state["segments"] else None
+    if resumed_from and before and before != segment["precision"]:
+        print(f"fmnist-dist: warning: this segment trains in {segment['precision']}, the run so far in "
+              f"{before} ({rt.environment['precision']['reason']})", file=sys.stderr, flush=True)
     if resumed_from and state["segments"] and state["segments"][-1]["world_size"] != world:
         segment["note"] = (f"resumed on {world} ranks (was {state['segments'][-1]['world_size']}): "
                            f"data re-sharded, learning rate rescaled to {lr_schedule.peak_lr:g}")
@@ -135,6 +143,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
                   "batch_norm": any(layer["type"] == "batchnorm" for layer in ns.model.layers),
                   "flops_per_image": flops_per_image(model)},
         "segments": state["segments"] + [segment], "epochs": state["epochs"], "timing": {}, "results": {},
+        "preflight": preflight.read(run_dir) if rt.rank == 0 else None,
     }
     if rt.rank == 0 and resumed_from:
         print(f"resuming from {resumed_from}: epoch {state['epoch']}, example {state['position']} of the epoch"

@@ -122,6 +122,11 @@ def check_report(report: dict, log: str, hosts: dict[str, list[int]]):
     assert {h: v["ranks"] for h, v in per_host.items()} == hosts
     assert all(v["images_per_s"] > 0 for v in per_host.values())
     assert report["results"]["test_accuracy"] > 0.6     # chance is 0.1; 100 steps reach ~0.8
+    # The preflight ran first, through the same launcher: one answer per rank, from the ranks' hosts.
+    assert "preflight: ok" in log and log.index("preflight: ok") < log.index("epoch 1/"), log[:3000]
+    preflight = report["preflight"]
+    assert [r["host"] for r in preflight["ranks"]] == [r["host"] for r in report["world"]["ranks"]]
+    assert preflight["problems"] == [] and all(r["data"]["ok"] for r in preflight["ranks"])
 
 
 @pytest.mark.slow
@@ -153,7 +158,7 @@ def failing(log: str, rc: int, message: str):
     ({"NP": "3"}, 2, "NP=3 ranks requested but the job has only 2 slots"),
     ({"PBS_O_WORKDIR": ""}, 2, "PBS_O_WORKDIR is not set"),
     ({"CONFIG": "configs/nope.yaml"}, 2, f"{ROOT}/configs/nope.yaml: config file not found"),
-    ({"FMNIST_MPI_ARGS": "--no-such-option"}, 2, "launch failed: mpirun exited with status 1"),
+    ({"FMNIST_MPI_ARGS": "--no-such-option"}, 2, "preflight failed (see the lines above): the training was not launched"),
 ], ids=["no-env", "no-nodefile", "too-many-ranks", "no-workdir", "bad-config", "mpirun-fails"])
 def test_pbs_job_fails_in_one_line(tmp_path, variables, hosts, message):
     need("mpirun", root=False)
@@ -165,15 +170,18 @@ def test_pbs_job_fails_in_one_line(tmp_path, variables, hosts, message):
 
 @pytest.mark.slow
 def test_pbs_job_failing_launch(tmp_path):
-    """The ranks start and fail (no data there): the launcher's failure is the job's last line."""
+    """No data on the nodes: the preflight names the node and the reason, and nothing is launched."""
     need("mpirun", root=False)
     empty = tmp_path / "no-data"
     empty.mkdir()
     rc, log, run_dir, seconds = run_pbs_job(tmp_path, [short_host()] * 2, EXTRA=f"data.dir={empty}",
                                             **LOOPBACK_MPI)
     print(f"failing PBS job: {seconds:.0f} s")
-    failing(log, rc, "launch failed: mpirun exited with status")
-    assert f"fmnist-dist: error: {empty}" in log or log.count("fmnist-dist: error:") >= 2, log[-3000:]  # the rank's reason
+    failing(log, rc, "preflight failed (see the lines above): the training was not launched")
+    host = short_host()
+    assert f"fmnist-dist: error: preflight: {host} (rank 0): Fashion-MNIST not found in {empty}" in log, log[-3000:]
+    assert f"fmnist-dist: error: preflight: {host} (rank 1): Fashion-MNIST not found in {empty}" in log
+    assert "epoch 1/" not in log and not (run_dir / "report.json").exists()
     shutil.rmtree(run_dir, ignore_errors=True)
 
 

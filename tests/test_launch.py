@@ -183,6 +183,10 @@ def test_pbs_plan_mpirun(workdir):
                      str(workdir / "configs" / "default.yaml"), "--run-dir", run_dir,
                      "--set", "train.epochs=3", "--set", "train.lr=0.002"]
     assert (workdir / "runs" / "101.server" / "hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
+    # The preflight: the same launch, the same config and run directory, another subcommand.
+    cut = p.command.index("train")
+    assert p.preflight[:cut] == p.command[:cut] and p.preflight[cut] == "preflight"
+    assert p.preflight[cut + 1:] == p.command[cut + 1:]
 
 
 def test_pbs_plan_fewer_ranks_and_mpi_args(workdir):
@@ -272,12 +276,12 @@ def test_mpi_list_parsing():
 def test_shell_output_round_trips_through_bash(workdir):
     env = pbs_env(workdir, ["a", "b"], FMNIST_MPI_ARGS="--mca plm_rsh_args \"-F /x y/ssh config\"")
     p = plan("pbs", env, workdir, extra="train.lr=1e-3", run_dir="runs/it's here")
-    script = 'eval "$PLAN"; printf "%s\\n" "$RUN_DIR"; printf "%s\\0" "${LAUNCH[@]}"'
+    script = 'eval "$PLAN"; printf "%s\\n" "$RUN_DIR"; printf "%s\\0" "${LAUNCH[@]}" - "${PREFLIGHT[@]}"'
     out = subprocess.run(["bash", "-c", script], env={"PLAN": launch.shell_assignments(p)},
                          capture_output=True, text=True, check=True).stdout
     run_dir, _, args = out.partition("\n")
     assert run_dir == str(workdir / "runs" / "it's here")
-    assert args.split("\0")[:-1] == p.command
+    assert args.split("\0")[:-1] == p.command + ["-"] + p.preflight
     assert "-F /x y/ssh config" in p.command
 
 
@@ -330,7 +334,8 @@ def test_cli_shell_format(tmp_path):
                "--config", str(ROOT / "configs" / "default.yaml"), "--extra", "train.epochs=1",
                env={"PBS_JOBID": "9.srv", "PBS_NODEFILE": str(nodes)})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"RUN_DIR={tmp_path}/runs/9.srv\nLAUNCH=(mpirun -np 2 --hostfile ")
+    assert proc.stdout.startswith(f"RUN_DIR={tmp_path}/runs/9.srv\nPREFLIGHT=(mpirun -np 2 --hostfile ")
+    assert "\nLAUNCH=(mpirun -np 2 --hostfile " in proc.stdout
     assert "fmnist-dist launch-plan: pbs job 9.srv: slots vm:2" in proc.stderr
     proc = cli("--scheduler", "pbs", "--format", "json", "--workdir", str(tmp_path), "--no-check",
                "--config", str(ROOT / "configs" / "default.yaml"), "--run-dir", "elsewhere",
