@@ -32,7 +32,7 @@ SETS = $(foreach s,$(EXTRA),--set $(s))
 # The preflight needs MPI (mpi4py gathers the ranks' answers); it takes seconds, so MPI's slower
 # collectives do not matter there.
 train: setup
-	$(VENV)/bin/horovodrun --mpi -np $(NP) $(PY) -m fmnist_dist preflight --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
+	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/horovodrun --mpi -np $(NP) $(PY) -m fmnist_dist preflight --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
 	$(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
 
 test: setup-test

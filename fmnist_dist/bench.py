@@ -48,7 +48,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+
+from datetime import datetime
+
+from .files import now_iso
 
 SCHEMA = "fmnist-dist/bench"
 SCHEMA_VERSION = 1
@@ -226,7 +229,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
     from . import config as config_mod
 
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    started = _now()
+    started = now_iso()
     load_before, waited = wait_for_quiet(quiet_load, quiet_wait, log)
     machine = machine_info()
     chosen = [v for v in VARIANTS if v.name in settings["variants"]]
@@ -299,7 +302,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
                           "n": settings["peak_n"], "samples": peak_samples}
     result["variants"] = summarize_variants(variants, per_variant, environments, result["model"], result["peak"])
     result["comparisons"] = compare(per_variant)
-    result["finished"] = _now()
+    result["finished"] = now_iso()
     with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
@@ -594,8 +597,6 @@ def _yaml(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------- the worker side
@@ -656,7 +657,8 @@ def throughput(ns, horovod: bool, warmup_steps: int, steps: int) -> dict | None:
                        "itex_auto_mixed_precision": os.environ.get("ITEX_AUTO_MIXED_PRECISION") == "1"
                        and itex["loaded"],
                        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
-    from .model import build_model, describe_layers, flops_per_image
+    from .config import describe_layers
+    from .model import build_model, flops_per_image
     from .optim import lr_schedule, make_optimizer
 
     _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads")

@@ -238,15 +238,16 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
         row = row_for(path, report, None)
         res = report.get("results") or {}
         one_view = res.get("test_accuracy_one_view") if res.get("eval_flip") else res.get("test_accuracy")
-        groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"]), []).append(
+        cpu = cpu_label(report.get("environment") or {})
+        groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"], cpu, row["precision"]), []).append(
             {**row, "seed": seed, "one_view": one_view})
-    head = ["recipe", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max", "one view", "train s",
-            "images/s"]
+    head = ["recipe", "CPU (ISA)", "precision", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max",
+            "one view", "train s", "images/s"]
     table = []
-    for (name, _, ranks), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+    for (name, _, ranks, cpu, precision), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3:], kv[0][2])):
         acc = [r["test_accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        table.append([name, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
+        table.append([name, cpu, precision, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
                       ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"] or 0)),
                       f"{statistics.mean(acc):.2%}", f"{sd:.2%}", f"{min(acc):.2%}–{max(acc):.2%}",
                       _mean_pct([r["one_view"] for r in runs]),
@@ -258,6 +259,16 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(head)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in [head, *table])
+
+
+def cpu_label(env: dict) -> str:
+    """'AMD EPYC (AVX2, ONEDNN_MAX_CPU_ISA=AVX2)': each distinct CPU of the run as the kernels saw it."""
+    from . import cpu
+
+    nodes = env.get("nodes") or [{"cpu_model": env.get("cpu_model", "?"), "isa_cap": None,
+                                  "isa": cpu.ISA_NAMES.get(cpu.cpu_level(env.get("cpu_flags") or []), "?")}]
+    labels = {f"{n['cpu_model']} ({n['isa']}" + (f", {n['isa_cap']})" if n.get("isa_cap") else ")") for n in nodes}
+    return " + ".join(sorted(labels))
 
 
 def _mean_pct(values: list) -> str:

@@ -92,7 +92,8 @@ SCHEMA: dict[str, Field] = {
                                     min=0),
     "checkpoint.keep": Field(3, int, "checkpoints kept in RUN_DIR/checkpoints", min=1),
     "intel.onednn": Field(True, bool, "oneDNN kernels in TensorFlow (TF_ENABLE_ONEDNN_OPTS)"),
-    "intel.itex": Field("auto", str, "Intel Extension for TensorFlow: auto uses it when it loads",
+    "intel.itex": Field("auto", str, "Intel Extension for TensorFlow: auto loads it on nodes with native bf16 "
+                        "(elsewhere it measured no gain); on: always, an error if it cannot load; off: never",
                         choices=("auto", "on", "off")),
     "intel.mixed_precision": Field("auto", str, "auto: bf16 (Keras policy) where every node's CPU has native "
                                    "bf16 (avx512_bf16, amx_bf16), else fp32; fp32; keras_bf16 or itex_bf16 (ITEX "
@@ -297,3 +298,44 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     for part in parents:
         tree = tree.setdefault(part, {})
     tree[leaf] = value
+
+
+# ---------------------------------------------------------------------------------- the docs page
+
+DOCS_PAGE = "docs/configuration.md"
+DOCS_BEGIN = "<!-- generated from config.SCHEMA by `python -m fmnist_dist.config`; do not edit -->"
+DOCS_END = "<!-- end of generated table -->"
+
+
+def markdown_table() -> str:
+    """Every key with its default, what it accepts and what it means, as docs/configuration.md shows it."""
+    rows = [DOCS_BEGIN, "| key | default | accepted | meaning |", "|---|---|---|---|"]
+    for key, field in SCHEMA.items():
+        if key == "model.layers":
+            default = describe_layers(field.default)
+        else:
+            default = yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("\n...").strip()
+        rows.append(f"| `{key}` | `{default}` | {_describe(field)} | {field.help} |")
+    return "\n".join(rows + [DOCS_END])
+
+
+def describe_layers(layers: list[dict]) -> str:
+    """One line, e.g. 'conv32k3-relu-maxpool2-...-dense10' (the classifier included)."""
+    short = {"conv": lambda s: f"conv{s['filters']}k{s.get('kernel', 3)}", "dense": lambda s: f"dense{s['units']}",
+             "maxpool": lambda s: f"maxpool{s.get('size', 2)}", "dropout": lambda s: f"dropout{s['rate']:g}"}
+    parts = [short.get(s["type"], lambda s: s["type"])(s) for s in layers]
+    return "-".join(parts + ["dense10"])
+
+
+def write_docs(path: str = DOCS_PAGE) -> None:
+    """Replace the generated table in the configuration page."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + markdown_table() + text[end:])
+
+
+if __name__ == "__main__":
+    write_docs()
+

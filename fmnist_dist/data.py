@@ -163,10 +163,12 @@ def _expected_names() -> str:
 
 def _not_found_message(searched: list[str], url: str, download_tried: bool = False) -> str:
     places = "\n".join(f"  - {s}" for s in searched)
-    ways = [f"sudo apt-get install {DEBIAN_PACKAGE}   (installs it in {DEBIAN_DIR})"]
+    ways = [f"--data-dir DIR (or data.dir, or ${ENV_VAR}) naming a directory with {_expected_names()}",
+            f"the Keras cache {keras_cache_dir()}: python -c 'import tensorflow as tf; "
+            "tf.keras.datasets.fashion_mnist.load_data()' fills it (on a login node with network access)"]
     if not download_tried:
         ways.append(f"set data.download: true (or --set data.download=true) to download it from {url}")
-    ways.append(f"--data-dir DIR (or data.dir) naming a directory with {_expected_names()}")
+    ways.append(f"on Debian/Ubuntu, as root: apt-get install {DEBIAN_PACKAGE}   (installs it in {DEBIAN_DIR})")
     return (f"Fashion-MNIST not found. Searched:\n{places}\n"
             "Get the data in one of these ways:\n" + "\n".join(f"  - {w}" for w in ways))
 

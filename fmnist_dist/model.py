@@ -73,14 +73,6 @@ class StepDropout(tf.keras.layers.Layer):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
-def describe_layers(layers: list[dict]) -> str:
-    """One line, e.g. 'conv32k3-relu-maxpool2-...-dense10'."""
-    short = {"conv": lambda s: f"conv{s['filters']}k{s['kernel']}", "dense": lambda s: f"dense{s['units']}",
-             "maxpool": lambda s: f"maxpool{s['size']}", "dropout": lambda s: f"dropout{s['rate']:g}"}
-    parts = [short.get(s["type"], lambda s: s["type"])(s) for s in layers]
-    return "-".join(parts + [f"dense{NUM_CLASSES}"])
-
-
 def flops_per_image(model: tf.keras.Model) -> int:
     """Multiply-adds x2 of the conv and dense layers for one forward pass (training ~ 3x this)."""
     flops = 0

@@ -20,10 +20,10 @@ import socket
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 from . import cpu
 from .errors import SetupError
+from .files import atomic_write, now_iso
 
 PREFLIGHT_FILE = "preflight.json"
 MIN_FREE_BYTES = 200 * 2**20     # a few checkpoints, the report and plots, with room to spare
@@ -98,7 +98,7 @@ def check_data(data_cfg: dict) -> tuple[dict, list[str]]:
     except data_mod.DataError as e:
         if data_cfg["download"]:
             return {"ok": None, "source": "not found locally: the training downloads it (data.download)"}, []
-        return {"ok": False, "source": None}, [str(e).splitlines()[0]]
+        return {"ok": False, "source": None}, [" ".join(line.strip() for line in str(e).splitlines())]
     return {"ok": True, "source": dataset.source, "verified_s": round(time.perf_counter() - t0, 2)}, []
 
 
@@ -207,7 +207,7 @@ def run(cfg: dict, run_dir: str, keep_record: bool = True) -> int:
     if comm.Get_rank() == 0:
         precision, problems = agree(results, cfg["intel"]["mixed_precision"])
         skew = max((abs(o) for o in offsets if o is not None), default=0.0)
-        record = {"checked": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ranks": results,
+        record = {"checked": now_iso(), "ranks": results,
                   "clock_offsets_s": offsets, "clock_skew_s": skew, "precision": precision,
                   "problems": problems, "seconds": round(time.perf_counter() - t0, 2)}
         print(f"fmnist-dist preflight: {len(results)} rank(s) on {len({r['host'] for r in results})} host(s), "
@@ -229,8 +229,6 @@ def run(cfg: dict, run_dir: str, keep_record: bool = True) -> int:
 
 
 def keep(run_dir: str, record: dict) -> None:
-    from .report import atomic_write
-
     os.makedirs(run_dir, exist_ok=True)
     atomic_write(os.path.join(run_dir, PREFLIGHT_FILE), json.dumps(record, indent=2) + "\n")
 

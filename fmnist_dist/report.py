@@ -41,9 +41,9 @@ import io
 import json
 import os
 import statistics
-import tempfile
 from typing import Any
 from .errors import FmnistError
+from .files import atomic_write
 
 SCHEMA = "fmnist-dist/report"
 SCHEMA_VERSION = 1
@@ -111,22 +111,6 @@ def _per_host(busy: dict, samples: dict, hosts: dict) -> dict:
     for h in out.values():
         h["images_per_s"] = h["samples"] / h["busy_s"] if h["busy_s"] > 0 else 0.0
     return out
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(run_dir: str, report: dict) -> None:

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from . import report as report_mod
 from . import runtime
 from . import timing as timing_mod
 from .errors import FmnistError
+from .files import atomic_write, now_iso
 
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: stopped cleanly and checkpointed; requeue to resume
@@ -89,7 +90,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     epoch_samples = steps * world * batch                     # examples one epoch consumes, all ranks
 
     tf.keras.utils.set_random_seed(ns.train.seed)              # same on every rank: same init
-    from .model import build_model, describe_layers, flops_per_image
+    from .config import describe_layers
+    from .model import build_model, flops_per_image
     from .optim import lr_schedule as make_schedule, make_optimizer
     model = build_model(ns.model.layers, ns.train.seed)
     lr_schedule = make_schedule(ns.train, world, steps)
@@ -325,7 +327,7 @@ def prepare_run_dir(run_dir: str, overwrite: bool, resume: bool, cfg: dict) -> b
                 attempt += 1
             os.replace(report_path, os.path.join(run_dir, f"report.attempt-{attempt}.json"))
         os.makedirs(run_dir, exist_ok=True)
-        report_mod.atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+        atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
     except OSError as e:
         raise RunDirError(f"{run_dir}: cannot write the run directory: {e.strerror or e}") from None
     return has_checkpoint
@@ -553,8 +555,6 @@ def seconds_since_process_start(now_perf: float) -> float:
         return 0.0
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def default_run_dir(config_path: str | None) -> str:

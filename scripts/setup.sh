@@ -7,24 +7,35 @@ mode=${1:-run}
 venv=.venv
 stamp=$venv/.setup-$mode
 
-apt_pkgs=(openmpi-bin libopenmpi-dev cmake g++ make dataset-fashion-mnist)
-[ "$mode" = test ] && apt_pkgs+=(slurm-wlm munge openssh-server openssh-client iproute2 procps shellcheck)
-
-missing=()
-for p in "${apt_pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
+# System software. As root on Debian/Ubuntu it is installed with apt. Anyone else (a cluster user:
+# not root, often no apt or dpkg, MPI and compilers from environment modules) gets nothing installed
+# system-wide: what is on PATH is used, and each missing piece is named with how to get it.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
+  apt_pkgs=(openmpi-bin libopenmpi-dev cmake g++ make dataset-fashion-mnist)
+  [ "$mode" = test ] && apt_pkgs+=(slurm-wlm munge openssh-server openssh-client iproute2 procps shellcheck)
+  missing=()
+  for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing system packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  else
-    echo "setup: missing system packages: ${missing[*]}" >&2
-    echo "setup: install them with: sudo apt-get install ${missing[*]}" >&2
+  fi
+else
+  missing=()
+  need() { command -v "$1" >/dev/null || missing+=("$2"); }
+  need mpirun "mpirun (Open MPI, to launch the ranks): module load openmpi, or conda install -c conda-forge openmpi"
+  need mpicxx "mpicxx (Open MPI's C++ compiler wrapper, to build Horovod): module load openmpi, or conda install -c conda-forge openmpi-mpicxx"
+  need g++ "g++ (a C++17 compiler, to build Horovod): module load gcc, or conda install -c conda-forge gxx_linux-64"
+  need make "make (to build Horovod): module load make, or conda install -c conda-forge make"
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: running as $(id -un) without apt: nothing is installed system-wide; missing from PATH:" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
     exit 1
   fi
+  echo "setup: running as $(id -un) without apt: using $(command -v mpirun), $(command -v g++) from PATH"
 fi
 
 reqs_hash=$(cat requirements.txt requirements-dev.txt requirements-itex.txt pyproject.toml | sha256sum | cut -c1-16)
@@ -43,10 +54,13 @@ if [ -z "$python" ]; then
   done
 fi
 if [ -z "$python" ]; then
-  echo "setup: TensorFlow 2.15 needs Python 3.9-3.11; none found (set PYTHON=/path/to/python3.11)" >&2
+  echo "setup: TensorFlow 2.15 needs Python 3.9-3.11; none found on PATH (module load python/3.11, or conda create -n fmnist python=3.11; or set PYTHON=/path/to/python3.11)" >&2
   exit 1
 fi
-[ -x $venv/bin/python ] || { echo "setup: creating $venv with $python"; "$python" -m venv $venv; }
+if [ ! -x $venv/bin/python ]; then
+  echo "setup: creating $venv with $python"
+  "$python" -m venv $venv || { echo "setup: $python -m venv failed (Debian/Ubuntu: apt-get install python3-venv; elsewhere: module load python/3.11, or conda create -n fmnist python=3.11 and PYTHON=\$CONDA_PREFIX/bin/python)" >&2; exit 1; }
+fi
 pip() { $venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 echo "setup: installing pinned Python packages"
 pip install -r requirements.txt -r requirements-dev.txt

@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from fmnist_dist import compare, timing
+from fmnist_dist.report import precision_label
 from reporting_runs import cli, load, real_runs
 
 
@@ -173,7 +174,9 @@ def test_seed_summary_groups_seeds_of_one_recipe(runs, tmp_path):
                "--format", "md")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("| recipe | ranks | epochs | seeds | test acc mean | ± sd |")
-    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[1]: line for line in lines[2:]}
+    assert lines[0].startswith("| recipe | CPU (ISA) | precision | ranks | epochs | seeds | test acc mean | ± sd |")
+    rows = {tuple(c.strip() for c in line.strip("|").split("|"))[3]: line for line in lines[2:]}
+    env = two["environment"]
+    assert f"| {env['nodes'][0]['cpu_model']} ({env['nodes'][0]['isa']}) | {precision_label(env)} |" in rows["2"]
     assert set(rows) == {"1", "2"}, "one row per world size"
     assert "| 1,2,3 | 92.00% | 2.00% | 90.00%–94.00% | 91.00% |" in rows["2"]

@@ -254,9 +254,10 @@ def test_nothing_anywhere_lists_every_place(isolated):
                               "no such directory\n"
                               f"  - {keras_dir(isolated)} (Keras cache): no such directory\n"
                               f"  - download into {cache}: not tried (data.download is false)\n")
-    assert "sudo apt-get install dataset-fashion-mnist" in message
+    assert "as root: apt-get install dataset-fashion-mnist" in message
     assert "data.download: true (or --set data.download=true)" in message
     assert "--data-dir DIR" in message
+    assert "tf.keras.datasets.fashion_mnist.load_data()' fills it" in message
 
 
 def test_empty_env_dir_is_listed(isolated, monkeypatch):
@@ -352,7 +353,7 @@ def test_download_truncated_file_then_resume(real, isolated, capsys):
         assert "train-labels-idx1-ubyte.gz: gzip stream ends early after " in message
         assert "expected 60008 (the file is truncated)" in message
         assert f"download from {url} into {cache}: failed" in message
-        assert "sudo apt-get install dataset-fashion-mnist" in message
+        assert "as root: apt-get install dataset-fashion-mnist" in message
         assert "data.download: true" not in message  # it already is
         # Nothing under the final name, no temporary directory; the file before it was kept.
         assert os.listdir(cache) == ["train-images-idx3-ubyte.gz"]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fmnist_dist import report
+from fmnist_dist import files, report
 
 
 def rank(r, host="a", data=1.0, fit=9.0, wait=0.0, ev=0.5, samples=1000):
@@ -40,11 +40,11 @@ def test_timing_summary_throughput_imbalance_hosts_target():
 
 def test_atomic_write_leaves_no_temp_and_keeps_old_on_failure(tmp_path):
     path = tmp_path / "x.json"
-    report.atomic_write(str(path), "one")
+    files.atomic_write(str(path), "one")
     assert path.read_text() == "one"
 
     with pytest.raises(TypeError):
-        report.atomic_write(str(path), 123)  # write() of a non-string fails midway
+        files.atomic_write(str(path), 123)  # write() of a non-string fails midway
     assert path.read_text() == "one"
     assert os.listdir(tmp_path) == ["x.json"]
 
