@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 SEEDS ?= 1 2 3
 RECIPES ?= default fast seed
+RECIPES_DIR ?= runs/recipes
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup setup-test train test bench recipes clean
+.PHONY: setup setup-test train test test-fast bench recipes docs clean
 
 setup:
 	@bash scripts/setup.sh run
@@ -24,7 +25,7 @@ setup-test:
 	@bash scripts/setup.sh test
 
 # Gloo, not MPI, as Horovod's controller on one node: 2 ranks on 2 cores trained 1.1x as fast as
-# 1 rank under Gloo and 0.8x under MPI (README "Benchmark"). Job scripts for clusters use mpirun/srun.
+# 1 rank under Gloo and 0.8x under MPI (docs/benchmark.md). Job scripts for clusters use mpirun/srun.
 HOROVODRUN := $(VENV)/bin/horovodrun --gloo
 
 SETS = $(foreach s,$(EXTRA),--set $(s))
@@ -38,17 +39,25 @@ train: setup
 test: setup-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Side-by-side throughput of every speed option (README "Benchmark"); figures, never assertions.
+# The unit tests alone (no training ranks, launchers or daemons): under 2 minutes, for quick edits.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The configuration page's table, from the schema (a test fails when the page drifts from it).
+docs: setup
+	$(PY) -m fmnist_dist.config
+
+# Side-by-side throughput of every speed option (docs/benchmark.md); figures, never assertions.
 bench: setup
 	$(PY) -m fmnist_dist bench $(BENCH_ARGS)
 
-# Every recipe x seed on NP ranks, then the results table (README "Results").
+# Every recipe x seed on NP ranks, then the results table (docs/results.md).
 recipes: setup
 	@for r in $(RECIPES); do for s in $(SEEDS); do \
 	  $(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config configs/$$r.yaml --set train.seed=$$s \
-	    --run-dir runs/recipes/$$r-seed$$s --overwrite $(SETS) || exit 1; \
+	    --run-dir $(RECIPES_DIR)/$$r-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
-	$(PY) -m fmnist_dist report 'runs/recipes/*' --seeds --format md
+	$(PY) -m fmnist_dist report '$(RECIPES_DIR)/*' --seeds --format md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,11 +14,8 @@ from typing import Any
 
 import yaml
 
-from .errors import FmnistError
+from .errors import ConfigError
 
-
-class ConfigError(FmnistError):
-    """A configuration problem, worded for the user."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,16 @@ LAYER_PARAMS: dict[str, dict[str, tuple[type, Any]]] = {
     "flatten": {},
 }
 
+# The default recipe's network (configs/default.yaml states the whole recipe; its keys equal these
+# defaults, so `train` without --config trains it).
 DEFAULT_LAYERS = [
-    {"type": "conv", "filters": 32, "kernel": 3}, {"type": "relu"}, {"type": "maxpool", "size": 2},
-    {"type": "conv", "filters": 64, "kernel": 3}, {"type": "relu"}, {"type": "maxpool", "size": 2},
-    {"type": "dropout", "rate": 0.25}, {"type": "flatten"},
-    {"type": "dense", "units": 128}, {"type": "relu"}, {"type": "dropout", "rate": 0.5},
+    {"type": "conv", "filters": 32, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "conv", "filters": 64, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "conv", "filters": 128, "kernel": 3}, {"type": "batchnorm"}, {"type": "relu"}, {"type": "maxpool", "size": 2},
+    {"type": "dropout", "rate": 0.1}, {"type": "flatten"},
+    {"type": "dense", "units": 256}, {"type": "relu"}, {"type": "dropout", "rate": 0.25},
 ]
+DEFAULT_CONFIG = "configs/default.yaml"
 
 SCHEMA: dict[str, Field] = {
     "data.dir": Field(None, str, "directory holding the four IDX files (.gz or raw)", nullable=True),
@@ -60,13 +61,13 @@ SCHEMA: dict[str, Field] = {
     "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
                            min=100, max=50000),
     "model.layers": Field(DEFAULT_LAYERS, list, "layer list; a Dense(10) classifier is appended"),
-    "train.epochs": Field(12, int, "epochs to train", min=1, max=10000),
+    "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),
-    "train.batch_size": Field(128, int, "batch size per rank", min=1, max=60000),
+    "train.batch_size": Field(256, int, "batch size per rank", min=1, max=60000),
     "train.eval_batch_size": Field(1000, int, "batch size for validation and test", min=1, max=60000),
     "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "sgd")),
-    "train.lr": Field(1e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
+    "train.lr": Field(1.5e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
     "train.lr_scaling": Field("linear", str, "how the learning rate grows with the number of ranks",
                               choices=("linear", "sqrt", "none")),
     "train.warmup_epochs": Field(1.0, float, "linear warm-up from train.lr to the scaled rate", min=0.0),
@@ -74,10 +75,10 @@ SCHEMA: dict[str, Field] = {
                             choices=("constant", "cosine")),
     "train.momentum": Field(0.9, float, "SGD momentum", min=0.0, max=1.0),
     "train.weight_decay": Field(0.0, float, "decoupled weight decay (adamw, sgd)", min=0.0),
-    "train.label_smoothing": Field(0.0, float, "label smoothing", min=0.0, max=0.5),
-    "train.augment_flip": Field(False, bool, "random horizontal flips"),
+    "train.label_smoothing": Field(0.1, float, "label smoothing", min=0.0, max=0.5),
+    "train.augment_flip": Field(True, bool, "random horizontal flips"),
     "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),
-    "train.eval_flip": Field(False, bool, "evaluate (validation and test) on each image and its mirror image, "
+    "train.eval_flip": Field(True, bool, "evaluate (validation and test) on each image and its mirror image, "
                              "averaging the logits; the report also gives the one-view test accuracy. Only "
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),
     "train.target_accuracy": Field(None, float, "stop once validation accuracy reaches this",
@@ -139,6 +140,11 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
 def namespace(cfg: dict) -> SimpleNamespace:
     """Attribute access for reading: ns.train.epochs."""
     return SimpleNamespace(**{k: SimpleNamespace(**v) for k, v in cfg.items()})
+
+
+def flat(cfg: dict) -> dict[str, Any]:
+    """The resolved config as dotted keys: {"train.epochs": 12, ...}."""
+    return {f"{section}.{key}": value for section, values in cfg.items() for key, value in values.items()}
 
 
 def dump(cfg: dict) -> str:

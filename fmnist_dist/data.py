@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FmnistError
+from .errors import DataError
 
 DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -51,9 +51,6 @@ SHA256 = {
 NUM_CLASSES = 10
 _CHUNK = 1 << 20
 
-
-class DataError(FmnistError):
-    """One clear, specific message for the user (which file, expected vs actual, where searched)."""
 
 
 @dataclass(frozen=True)
@@ -389,3 +386,8 @@ def _seed_words(*values: int) -> list[int]:
     if any(v < 0 for v in values):
         raise DataError(f"seed and epoch must be non-negative, got {values}")
     return list(values)
+
+
+def index_digest(indices: np.ndarray) -> str:
+    """SHA-256 of an index array as int64: lets a reader re-derive and check a rank's shard."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()

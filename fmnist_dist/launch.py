@@ -9,7 +9,7 @@ The job scripts (jobs/train.pbs, jobs/train.slurm) only activate the environment
 * the ranks (default: every slot; more than the slots is an error) and where they go (slots filled
   in node-file order, as `mpirun --map-by slot` does);
 * threads per rank: the cores of a node divided by the ranks on it (the rule the training process
-  applies itself, see runtime.threads_for_rank), enforced by binding each rank to that many cores;
+  applies itself, see environment.threads_for_rank), enforced by binding each rank to that many cores;
 * the run directory: runs/$PBS_JOBID or runs/$SLURM_JOB_ID (a rerun of an interrupted job reuses it);
 * the command: mpirun (hostfile, mapping and binding, -x for the environment), horovodrun
   (host:slots) or, under Slurm, srun --mpi=pmix when this Slurm has the PMIx plugin;
@@ -24,18 +24,16 @@ Extra arguments for mpirun (e.g. the network to use) come from FMNIST_MPI_ARGS, 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from . import runtime
-from .errors import FmnistError
+from .reporting.report import report_status
+from .training import environment
+from .errors import LaunchError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 WALLTIME_MARGIN = 120   # seconds before a PBS walltime at which training stops (like Slurm's --signal=B:USR1@120)
@@ -44,10 +42,6 @@ MPI_ARGS_VAR = "FMNIST_MPI_ARGS"
 FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
                 "TF_CPP_MIN_LOG_LEVEL", "OMP_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME")
 FORWARD_PREFIXES = ("FMNIST_", "HOROVOD_", "ITEX_", "TF_ENABLE_")
-
-
-class LaunchError(FmnistError):
-    """The job cannot be launched as asked; worded for the job log."""
 
 
 @dataclass
@@ -188,8 +182,8 @@ def place(hosts: list[tuple[str, int]], ranks: int | None) -> list[tuple[str, in
 
 def threads_per_rank(cores_per_node: int, ranks_per_node: int) -> int:
     """The cores of a node shared by its ranks; the same rule as the training process's own
-    (runtime.threads_for_rank) so the plan, the binding and the report agree."""
-    return runtime.threads_for_rank(0, cores_per_node, cores_per_node, ranks_per_node)
+    (environment.threads_for_rank) so the plan, the binding and the report agree."""
+    return environment.threads_for_rank(0, cores_per_node, cores_per_node, ranks_per_node)
 
 
 def local_cores() -> int:
@@ -215,15 +209,8 @@ def job_run_dir(scheduler: str, job_id: str | None, workdir: str) -> str:
 
 def run_dir_state(run_dir: str) -> str:
     """'new', 'rerun' (holds an unfinished attempt: a PBS rerun or a Slurm requeue) or 'completed'."""
-    path = os.path.join(run_dir, "report.json")
-    if not os.path.exists(path):
-        return "new"
-    try:
-        with open(path) as f:
-            status = json.load(f).get("status")
-    except (OSError, ValueError, AttributeError):
-        return "rerun"
-    return "completed" if status == "completed" else "rerun"
+    status = report_status(run_dir)
+    return "new" if status is None else ("completed" if status == "completed" else "rerun")
 
 
 def check_python(python: str) -> None:
@@ -481,52 +468,3 @@ def shell_assignments(plan: Plan) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_launch_parser(sub) -> None:
-    p = sub.add_parser(
-        "launch-plan", help="turn a PBS/Slurm job's allocation into the launch command (used by jobs/*)",
-        description="Read the scheduler's variables (PBS_NODEFILE, PBS_JOBID / SLURM_JOB_NODELIST, "
-                    "SLURM_TASKS_PER_NODE, SLURM_JOB_ID), check the environment and print how to launch "
-                    "the training. The job scripts eval the --format shell output. Extra mpirun "
-                    f"arguments come from ${MPI_ARGS_VAR}.")
-    p.add_argument("--scheduler", required=True, choices=("pbs", "slurm"))
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"training config (default {DEFAULT_CONFIG})")
-    p.add_argument("--extra", default="", help="space-separated KEY=VALUE config overrides (the EXTRA variable)")
-    p.add_argument("--np", default="", help="number of ranks (default: every slot of the job)")
-    p.add_argument("--launcher", default="auto", help="mpirun, horovodrun, srun (Slurm) or auto (default: "
-                   "srun --mpi=pmix under Slurm when available, else mpirun)")
-    p.add_argument("--run-dir", default="", help="default runs/<job id> under --workdir")
-    p.add_argument("--workdir", default=".", help="the project directory (default: current directory)")
-    p.add_argument("--python", default=sys.executable, help="the Python every rank runs (default: this one)")
-    p.add_argument("--cores-per-node", type=int, help="default: this node's usable cores, or "
-                   "SLURM_CPUS_PER_TASK x ranks per node under Slurm")
-    p.add_argument("--format", choices=("text", "shell", "json"), default="text",
-                   help="shell: RUN_DIR=... and LAUNCH=(...) for eval (the summary goes to stderr)")
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the environment checks (python imports horovod, launcher on PATH)")
-    p.set_defaults(func=cmd_launch_plan)
-
-
-def cmd_launch_plan(args: argparse.Namespace) -> int:
-    try:
-        np = None
-        if str(args.np).strip():
-            if not str(args.np).strip().isdigit():
-                raise LaunchError(f"NP={args.np!r}: expected a whole number of ranks")
-            np = int(args.np)
-        plan = make_plan(args.scheduler, dict(os.environ), workdir=args.workdir, python=args.python,
-                         config=args.config or DEFAULT_CONFIG, extra=args.extra, np=np,
-                         launcher=args.launcher or "auto", run_dir=args.run_dir or None,
-                         cores_per_node=args.cores_per_node, check=args.check)
-    except LaunchError as e:
-        print(f"fmnist-dist: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    if args.format == "shell":
-        print("\n".join(describe(plan)), file=sys.stderr, flush=True)
-        sys.stdout.write(shell_assignments(plan))
-    elif args.format == "json":
-        print(json.dumps(asdict(plan), indent=2))
-    else:
-        print("\n".join(describe(plan)))
-    return 0

@@ -50,7 +50,7 @@ def check_node(cfg: dict, run_dir: str, environ: dict[str, str] = os.environ) ->
 
 def software_versions(itex_request: str) -> tuple[dict, list[str]]:
     """The versions this interpreter would import, read from package metadata (no import of TF)."""
-    from .runtime import itex_dir
+    from .training.environment import itex_dir
 
     versions = {"python": platform.python_version(), "executable": sys.executable}
     problems = []

@@ -6,67 +6,66 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from fmnist_dist import bench
+from conftest import PYTHON, ROOT
+from fmnist_dist.bench import render, run, stats, variants
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 
 
 def test_variants_and_comparisons_are_consistent():
-    names = [v.name for v in bench.VARIANTS]
-    assert len(names) == len(set(names)) and bench.BASELINE in names
-    assert set(bench.QUICK_VARIANTS) <= set(names)
-    for _, _, a, b in bench.COMPARISONS:
+    names = [v.name for v in variants.VARIANTS]
+    assert len(names) == len(set(names)) and variants.BASELINE in names
+    assert set(variants.QUICK_VARIANTS) <= set(names)
+    for _, _, a, b in variants.COMPARISONS:
         assert a in names and b in names
-    groups = {v.group for v in bench.VARIANTS}
+    groups = {v.group for v in variants.VARIANTS}
     assert {"precision", "itex", "onednn", "ranks", "controller", "horovod"} <= groups
-    launchers = {v.launcher for v in bench.VARIANTS}
+    launchers = {v.launcher for v in variants.VARIANTS}
     assert launchers == {"keras", "single", "mpi", "mpi-bind", "gloo"}
 
 
 def test_launch_commands():
-    by_name = {v.name: v for v in bench.VARIANTS}
-    keras = bench.launch_command(by_name["keras-1x2-fp32"], "s.json")
-    assert keras[1:] == ["-m", "fmnist_dist.bench", "--worker", "s.json"]
-    bound = bench.launch_command(by_name["mpi-2x1-fp32-bind"], "s.json")
-    assert bound[1:5] == ["-np", "2", "--mpi", f"--binding-args={bench.BIND_ARGS}"]
-    assert "--gloo" in bench.launch_command(by_name["gloo-2x1-fp32"], "s.json")
-    assert bench.display_command(by_name["mpi-2x1-fp32"]).startswith("horovodrun -np 2 --mpi python -m")
+    by_name = {v.name: v for v in variants.VARIANTS}
+    keras = variants.launch_command(by_name["keras-1x2-fp32"], "s.json")
+    assert keras[1:] == ["-m", "fmnist_dist.bench.worker", "s.json"]
+    bound = variants.launch_command(by_name["mpi-2x1-fp32-bind"], "s.json")
+    assert bound[1:5] == ["-np", "2", "--mpi", f"--binding-args={variants.BIND_ARGS}"]
+    assert "--gloo" in variants.launch_command(by_name["gloo-2x1-fp32"], "s.json")
+    assert variants.display_command(by_name["mpi-2x1-fp32"]).startswith("horovodrun -np 2 --mpi python -m")
 
 
 def test_statistics_pair_launches_of_the_same_repetition():
-    s = bench.stats([100.0, None, 300.0, 200.0])
+    s = stats.stats([100.0, None, 300.0, 200.0])
     assert s == {"median": 200.0, "min": 100.0, "max": 300.0, "spread": 1.0}
-    assert bench.stats([None])["median"] is None
+    assert stats.stats([None])["median"] is None
     per = {"mpi-2x1-fp32": [90.0, 180.0, None], "hvd-1x2-fp32": [100.0, 200.0, 300.0]}
-    (c,) = [c for c in bench.compare(per) if c["name"] == "2x1 / 1x2"]
+    (c,) = [c for c in stats.compare(per) if c["name"] == "2x1 / 1x2"]
     assert c["ratios"] == [0.9, 0.9, None] and c["median"] == pytest.approx(0.9)
 
 
 def test_summary_peak_fraction_and_tables():
-    variants = [v for v in bench.VARIANTS if v.name in ("hvd-1x2-fp32", "hvd-1x2-itex-bf16")]
+    chosen = [v for v in variants.VARIANTS if v.name in ("hvd-1x2-fp32", "hvd-1x2-itex-bf16")]
     per = {"hvd-1x2-fp32": [1000.0, 1100.0], "hvd-1x2-itex-bf16": [2000.0, None]}
     model = {"description": "m", "parameters": 1, "flops_per_image": 10_000_000, "train_flops_per_image": 30_000_000}
     peak = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "n": 64, "samples": [{"rep": 1, "fp32": [100.0], "bf16": [200.0]}]}
-    rows = bench.summarize_variants(variants, per, {}, model, peak)
+    rows = stats.summarize_variants(chosen, per, {}, model, peak)
     fp32, bf16 = rows
     assert fp32["median"] == 1050.0 and fp32["vs_baseline"] == 1.0
     assert fp32["gflops"] == pytest.approx(31.5) and fp32["peak_fraction"] == pytest.approx(0.315)
     assert bf16["vs_baseline"] == pytest.approx(2.0) and bf16["peak_fraction"] == pytest.approx(0.3)
     result = {"quick": True, "started": "t", "host": "h", "settings": {"batch_size": 8, "reps": 2, "warmup_steps": 1,
               "steps": 2}, "machine": {"cpu_model": "cpu", "cores": 2, "avx512f": True, "avx512_bf16": True,
-              "amx": False}, "load": {"before": [0.5, 0.4, 0.3], "waited_s": 0, "launches_other_cpu_median": 0.1,
+              "amx": False, "isa": "AVX-512 BF16", "isa_cap": None, "native_bf16": True, "avx512": True},
+              "skipped": [{"name": "x", "reason": "needs native bf16; this CPU offers AVX2"}], "load": {"before": [0.5, 0.4, 0.3], "waited_s": 0, "launches_other_cpu_median": 0.1,
               "launches_other_cpu_max": 0.2}, "peak": peak, "model": model, "variants": rows,
-              "comparisons": bench.compare(per)}
-    md = bench.markdown(result)
+              "comparisons": stats.compare(per)}
+    md = render.markdown(result)
     assert md.count("\n| ") >= 4 and "AMX no" in md and "of peak" in md and "32%" in md
-    assert "hvd-1x2-fp32" in bench.text_table(result)
+    assert "ISA AVX-512 BF16, native bf16 yes" in md and "Skipped on this CPU: `x` (needs native bf16" in md
+    text = render.text_table(result)
+    assert "hvd-1x2-fp32" in text and "x                        skipped: needs native bf16" in text
 
 
 @pytest.mark.slow
@@ -77,20 +76,42 @@ def test_quick_bench_runs_and_writes_its_outputs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    assert result["schema"] == bench.SCHEMA and result["schema_version"] == bench.SCHEMA_VERSION
+    assert result["schema"] == run.SCHEMA and result["schema_version"] == run.SCHEMA_VERSION
     assert result["quick"] is True and result["settings"]["reps"] == 1
-    assert [v["name"] for v in result["variants"]] == list(bench.QUICK_VARIANTS)
+    assert [v["name"] for v in result["variants"]] == list(variants.QUICK_VARIANTS)
     for v in result["variants"]:
         assert v["median"] is not None and v["median"] > 0, f"{v['name']} failed; see {out}/logs"
         assert v["gflops"] > 0 and v["peak_fraction"] > 0
         assert v["environment"]["intra_op_threads"] == v["threads_per_rank"]
     launches = result["launches"]
-    assert [la["variant"] for la in launches] == ["peak", *bench.QUICK_VARIANTS]   # the order they ran
+    assert [la["variant"] for la in launches] == ["peak", *variants.QUICK_VARIANTS]   # the order they ran
     assert all(la["ok"] and (out / la["log"]).exists() for la in launches)
-    assert result["peak"]["fp32_gflops"] > 0 and result["peak"]["bf16_gflops"] > 0
+    assert result["peak"]["fp32_gflops"] > 0
+    assert (result["peak"]["bf16_gflops"] or 0) > 0 if result["machine"]["native_bf16"] else \
+        result["peak"]["bf16_gflops"] is None, "bf16 is probed only where the CPU has it"
     assert result["model"]["train_flops_per_image"] == 3 * result["model"]["flops_per_image"]
     assert len(result["load"]["before"]) == 3 and result["machine"]["cores"] == os.cpu_count()
     assert [c["name"] for c in result["comparisons"]] == ["Horovod 2x1 / plain Keras 1x2"]
     md = (out / "bench.md").read_text()
     assert "| variant |" in md and "of peak" in md and "matmul peak" in md
     assert "images/s" in proc.stdout and "| variant |" in proc.stdout and "vs base" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_skips_what_this_cpu_cannot_run(tmp_path):
+    """On a CPU without native bf16 (made here with oneDNN's ISA cap) the bf16 variants are listed as
+    skipped with the reason and the rest runs; the header states the ISA."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), ONEDNN_MAX_CPU_ISA="AVX2")
+    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "bench", "--quick", "--no-peak", "--out", str(out),
+                           "--variants", "keras-1x2-fp32,hvd-1x2-keras-bf16,hvd-1x2-itex-bf16"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert [v["name"] for v in result["variants"]] == ["keras-1x2-fp32"]
+    reason = "needs native bf16; this CPU offers AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)"
+    assert result["skipped"] == [{"name": "hvd-1x2-keras-bf16", "reason": reason},
+                                 {"name": "hvd-1x2-itex-bf16", "reason": reason}]
+    assert f"bench: skipped hvd-1x2-keras-bf16: {reason}" in proc.stdout
+    assert "ISA AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), native bf16 no" in proc.stdout
+    assert result["variants"][0]["median"] > 0

@@ -10,14 +10,16 @@ import shutil
 
 import pytest
 
-from fmnist_dist import compare, timing
-from fmnist_dist.report import precision_label
-from reporting_runs import cli, load, real_runs
+from fmnist_dist.reporting import compare
+from fmnist_dist.reporting.render import precision_label
+from fmnist_dist.timing import breakdown, timeline
+from fmnist_dist.timing.probe import PROBE_SIZES
+from conftest import cli, load
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return real_runs(tmp_path_factory)
+def runs(reporting_runs):
+    return reporting_runs
 
 
 def test_comparison_speedup_and_efficiency_arithmetic(runs):
@@ -119,9 +121,9 @@ def test_time_split_per_epoch_and_rank(runs):
     assert two["epochs"][0]["ranks"][0]["tracing_s"] > 0, "epoch 1's first step traces the graph"
     assert [r["rank"] for r in b["ranks"]] == [0, 1]
     for r in b["ranks"]:
-        assert r["startup_s"] > 0 and r["total_s"] == pytest.approx(sum(r[c] for c in timing.CATEGORIES))
+        assert r["startup_s"] > 0 and r["total_s"] == pytest.approx(sum(r[c] for c in breakdown.CATEGORIES))
     probe = b["probe"]
-    assert probe["ranks"] == 2 and probe["seconds_per_call"] > 0 and len(probe["sizes"]) == len(timing.PROBE_SIZES)
+    assert probe["ranks"] == 2 and probe["seconds_per_call"] > 0 and len(probe["sizes"]) == len(PROBE_SIZES)
     assert probe["fit"]["bandwidth_Bps"] > 0
     # float32 gradients of the trainable parameters (not of batch norm's moving statistics)
     assert probe["gradient_bytes"] == 4 * two["model"]["trainable_parameters"] < 4 * two["model"]["parameters"]
@@ -135,10 +137,10 @@ def test_time_split_per_epoch_and_rank(runs):
 
 def test_probe_estimate_split_arithmetic():
     r = {"rank": 0, "steps": 10, "step_s": 2.0, "fit_s": 2.5, "tracing_s": 0.5}
-    timing.split_record(r, size=2, probe_s=0.03, measured=None)
+    breakdown.split_record(r, size=2, probe_s=0.03, measured=None)
     assert r["comm_method"] == "probe" and r["comm_s"] == pytest.approx(0.3)
     assert r["compute_s"] == pytest.approx(1.2) and r["other_s"] == pytest.approx(1.0)
-    timing.split_record(r, size=2, probe_s=1.0, measured=None)   # an estimate above the step time
+    breakdown.split_record(r, size=2, probe_s=1.0, measured=None)   # an estimate above the step time
     assert r["comm_s"] == pytest.approx(1.5) and r["compute_s"] == 0
 
 
@@ -151,10 +153,10 @@ def test_timeline_union_and_partial_file(tmp_path):
               {"ph": "B", "name": "ALLREDUCE", "ts": 200, "pid": 2}, {"ph": "E", "ts": 400, "pid": 2}]
     path = tmp_path / "t.json"
     path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ', {"ph": "B", "na')  # still being written
-    start, comm, nego = timing.timeline_intervals(timing.read_timeline(str(path)))
-    assert start == 10.0 and timing.union_seconds(comm) == pytest.approx(300e-6)
-    assert timing.union_seconds(nego) == pytest.approx(100e-6)
-    assert timing.union_seconds(comm, (10.0 + 150e-6, 10.0 + 250e-6)) == pytest.approx(100e-6)
+    start, comm, nego = timeline.timeline_intervals(timeline.read_timeline(str(path)))
+    assert start == 10.0 and timeline.union_seconds(comm) == pytest.approx(300e-6)
+    assert timeline.union_seconds(nego) == pytest.approx(100e-6)
+    assert timeline.union_seconds(comm, (10.0 + 150e-6, 10.0 + 250e-6)) == pytest.approx(100e-6)
 
 
 def test_seed_summary_groups_seeds_of_one_recipe(runs, tmp_path):

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster import (ROOT, ROOT_MPI_ENV, SHORT_CONFIG, VENV, last_line, need, pbs_job_env, short_host, slurm_cluster,
-                     unavailable, unique_job_id, wait_for, write_nodefile)
-from fmnist_dist import checkpoint, data
+from conftest import (ROOT, ROOT_MPI_ENV, SHORT_CONFIG, VENV, last_line, need, run_env, short_host, unavailable, wait_for)
+from pbs import pbs_job_env, unique_job_id, write_nodefile
+from slurm import slurm_cluster
+from fmnist_dist import data
+from fmnist_dist.training import checkpoint
 
 PYTHON = str(VENV / "bin" / "python")
 HOROVODRUN = str(VENV / "bin" / "horovodrun")
@@ -54,12 +56,6 @@ def record(fault: str, **facts) -> None:
         with open(os.environ["FMNIST_FAULT_LOG"], "a") as f:
             f.write(json.dumps({"fault": fault, "seed": FAULT_SEED, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 **facts}) + "\n")
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **ROOT_MPI_ENV, **extra)
-    env.pop("FMNIST_DATA_DIR", None)
-    return env
 
 
 def sets(items) -> list[str]:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster import (NODES, ROOT, ROOT_MPI_ENV, SHORT_CONFIG, SHORT_EXTRA, VENV, in_node, last_line, need,
-                     pbs_job_env, short_host, slurm_cluster, two_nodes, unavailable, unique_job_id, wait_for,
-                     write_nodefile)
+from conftest import (ROOT, ROOT_MPI_ENV, SHORT_CONFIG, SHORT_EXTRA, last_line, need, short_host, unavailable,
+                      wait_for)
+from nodes import NODES, in_node, two_nodes
+from pbs import pbs_job_env, unique_job_id, write_nodefile
+from slurm import slurm_cluster
 
 PBS_SCRIPT = ROOT / "jobs" / "train.pbs"
 SLURM_SCRIPT = ROOT / "jobs" / "train.slurm"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_dist import launch, runtime
+from fmnist_dist import launch
+from fmnist_dist.training import environment
 from fmnist_dist.launch import LaunchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,16 +101,16 @@ def test_threads_agree_with_what_each_rank_computes(cores, ranks_per_node):
     assert threads == max(1, cores // ranks_per_node)
     # A rank bound to its `threads` cores (mpirun --map-by slot:PE=threads --bind-to core) ...
     if ranks_per_node <= cores and threads < cores:
-        assert runtime.threads_for_rank(0, threads, cores, ranks_per_node) == threads
+        assert environment.threads_for_rank(0, threads, cores, ranks_per_node) == threads
     # ... and an unbound one sharing the node with its peers pick the same number.
-    assert runtime.threads_for_rank(0, cores, cores, ranks_per_node) == threads
+    assert environment.threads_for_rank(0, cores, cores, ranks_per_node) == threads
 
 
 @pytest.mark.parametrize("cores", [2, 4, 48])
 @pytest.mark.parametrize("ranks_per_node", [2, 3, 4])
 def test_unbound_ranks_take_disjoint_slices_of_the_node(cores, ranks_per_node):
     everything = set(range(cores))
-    slices = [runtime.cores_to_bind(everything, cores, ranks_per_node, r) for r in range(ranks_per_node)]
+    slices = [environment.cores_to_bind(everything, cores, ranks_per_node, r) for r in range(ranks_per_node)]
     if ranks_per_node > cores:
         assert slices == [None] * ranks_per_node
         return
@@ -117,16 +118,16 @@ def test_unbound_ranks_take_disjoint_slices_of_the_node(cores, ranks_per_node):
     assert all(len(s) == share for s in slices)
     assert len(set().union(*map(set, slices))) == share * ranks_per_node, "no core is given twice"
     # each rank's thread count then follows its slice
-    assert {runtime.threads_for_rank(0, share, cores, ranks_per_node) for _ in slices} == {share}
+    assert {environment.threads_for_rank(0, share, cores, ranks_per_node) for _ in slices} == {share}
 
 
 def test_binding_is_left_alone_when_it_is_not_ours_to_choose():
-    assert runtime.cores_to_bind({0, 1}, 2, 1, 0) is None            # alone on the node
-    assert runtime.cores_to_bind({1}, 2, 2, 1) is None               # bound by mpirun or a cgroup
-    assert runtime.cores_to_bind({0, 1}, 2, 2, None) is None         # local rank unknown
-    assert runtime.launcher_local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
-    assert runtime.launcher_local_rank({"SLURM_LOCALID": "3", "SLURM_STEP_ID": "0"}) == 3
-    assert runtime.launcher_local_rank({"SLURM_LOCALID": "3"}) is None   # the batch shell, not a task
+    assert environment.cores_to_bind({0, 1}, 2, 1, 0) is None            # alone on the node
+    assert environment.cores_to_bind({1}, 2, 2, 1) is None               # bound by mpirun or a cgroup
+    assert environment.cores_to_bind({0, 1}, 2, 2, None) is None         # local rank unknown
+    assert environment.launcher_local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
+    assert environment.launcher_local_rank({"SLURM_LOCALID": "3", "SLURM_STEP_ID": "0"}) == 3
+    assert environment.launcher_local_rank({"SLURM_LOCALID": "3"}) is None   # the batch shell, not a task
 
 
 # --- run directory ----------------------------------------------------------------------------
@@ -356,7 +357,7 @@ def test_mpirun_must_be_open_mpi(tmp_path):
 
 def test_threads_follow_slurm_cpus_per_task_inside_a_step():
     # a job confined by cgroups to 4 cores, 2 tasks with --cpus-per-task=2, not bound per task
-    assert runtime.threads_for_rank(0, 4, 8, 2, runtime.slurm_cpus_per_task(
+    assert environment.threads_for_rank(0, 4, 8, 2, environment.slurm_cpus_per_task(
         {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "2"})) == 2
-    assert runtime.slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "2"}) is None  # batch script, not a task
-    assert runtime.threads_for_rank(3, 4, 8, 2, 2) == 3                        # the config wins
+    assert environment.slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "2"}) is None  # batch script, not a task
+    assert environment.threads_for_rank(3, 4, 8, 2, 2) == 3                        # the config wins

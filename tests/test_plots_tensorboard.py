@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_dist import plots
-from reporting_runs import cli, load, real_runs
+from fmnist_dist.reporting import plots
+from conftest import cli, load
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return real_runs(tmp_path_factory)
+def runs(reporting_runs):
+    return reporting_runs
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -16,9 +16,10 @@ import pytest
 
 from fmnist_dist import cpu
 from fmnist_dist.errors import SetupError
-from test_train import PYTHON, ROOT, SHORT, load, run_env
+from conftest import PYTHON, ROOT, SHORT_CONFIG, load, run_env
 
-NATIVE_BF16 = cpu.node_facts({})["native_bf16"]
+HERE = cpu.node_facts()          # this CPU, under any cap the whole run was given
+NATIVE_BF16 = HERE["native_bf16"]
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 MPI = ["mpirun", "--bind-to", "none"]
 
@@ -78,10 +79,11 @@ def run(cmd: list[str], env_extra: dict | None = None, timeout: int = 600) -> su
 
 
 def train(run_dir: Path, *extra: str) -> list[str]:
-    return [PYTHON, "-m", "fmnist_dist", "train", "--run-dir", str(run_dir), *SHORT,
+    return [PYTHON, "-m", "fmnist_dist", "train", "--run-dir", str(run_dir), "--config", SHORT_CONFIG,
             "--set", "train.epochs=1", "--set", "train.steps_per_epoch=20", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("request_", ["keras_bf16", "itex_bf16"])
 def test_explicit_bf16_on_a_cpu_without_it_is_one_line_and_exit_2(tmp_path, request_):
     run_dir = tmp_path / "run"
@@ -95,6 +97,7 @@ def test_explicit_bf16_on_a_cpu_without_it_is_one_line_and_exit_2(tmp_path, requ
     assert not run_dir.exists(), "refused before the run directory was touched"
 
 
+@pytest.mark.slow
 def test_auto_trains_fp32_on_a_cpu_without_bf16(tmp_path):
     run_dir = tmp_path / "run"
     proc = run(train(run_dir), AVX2_ONLY)
@@ -114,19 +117,21 @@ def mixed_job(run_dir: Path, *extra: str) -> list[str]:
     return [*MPI, "-np", "1", *cmd, ":", "-np", "1", "-x", "ONEDNN_MAX_CPU_ISA=AVX2", *cmd]
 
 
+@pytest.mark.slow
 def test_ranks_on_different_cpus_agree_on_the_least_capable(tmp_path):
     run_dir = tmp_path / "run"
     proc = run(mixed_job(run_dir))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = load(run_dir)
     nodes = report["environment"]["nodes"]
-    assert [n["isa_cap"] for n in nodes] == [None, "ONEDNN_MAX_CPU_ISA=AVX2"]
+    assert [n["isa_cap"] for n in nodes] == [HERE["isa_cap"], "ONEDNN_MAX_CPU_ISA=AVX2"]
     assert nodes[0]["native_bf16"] == NATIVE_BF16 and nodes[1]["native_bf16"] is False
     assert report["environment"]["precision"]["chosen"] == "fp32"
     assert report["environment"]["mixed_precision_policy"] == "float32"
     assert report["segments"][0]["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_explicit_bf16_fails_on_every_rank_when_one_rank_lacks_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = run(mixed_job(run_dir, "--set", "intel.mixed_precision=keras_bf16"), timeout=300)
@@ -136,7 +141,8 @@ def test_explicit_bf16_fails_on_every_rank_when_one_rank_lacks_it(tmp_path):
     assert not run_dir.exists()
 
 
-@pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has no native bf16 ({cpu.node_facts({})['isa']}): "
+@pytest.mark.slow
+@pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has no native bf16 ({HERE['isa']}): "
                     "the bf16 training path is tested on CPUs with avx512_bf16 or AMX")
 def test_auto_trains_bf16_where_the_cpu_has_it(tmp_path):
     run_dir = tmp_path / "run"
@@ -146,6 +152,7 @@ def test_auto_trains_bf16_where_the_cpu_has_it(tmp_path):
     assert env["precision"]["chosen"] == "keras_bf16" and env["mixed_precision_policy"] == "mixed_bfloat16"
 
 
+@pytest.mark.slow
 def test_itex_auto_keeps_to_cpus_with_native_bf16(tmp_path):
     """intel.itex=auto loads ITEX only where it pays (cpu.itex_pays); elsewhere the report says why."""
     run_dir = tmp_path / "run"

@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from test_train import PYTHON, ROOT, run_env
+from conftest import PYTHON, ROOT, run_env
 
 HOST = os.uname().nodename
 MPI = ["mpirun", "--bind-to", "none"]

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from fmnist_dist import projection
-from reporting_runs import cli, load, real_runs
+from fmnist_dist.reporting import projection
+from conftest import cli, load
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return real_runs(tmp_path_factory)
+def runs(reporting_runs):
+    return reporting_runs
 
 
 def test_projection_reproduces_the_measured_two_rank_run(runs):

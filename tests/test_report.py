@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from fmnist_dist import files, report
+from fmnist_dist import files
+from fmnist_dist.reporting import report
 
 
 def rank(r, host="a", data=1.0, fit=9.0, wait=0.0, ev=0.5, samples=1000):

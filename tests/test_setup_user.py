@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import need
+from conftest import ROOT, need
 from fmnist_dist import data
 
-ROOT = Path(__file__).resolve().parents[1]
 USER = "fmnist-user"
 HIDDEN = ("/usr/bin/apt-get", "/usr/bin/apt", "/usr/bin/dpkg", "/usr/bin/dpkg-query")
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -2,43 +2,20 @@
 the runs that must fail cleanly (bad config, missing data). Short: a few hundred steps."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import PYTHON, SHORT_CONFIG, VENV_BIN, load, run
 from fmnist_dist import data
-from fmnist_dist.train import index_digest
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = ROOT / ".venv" / "bin"
-PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-# The lean recipe, whose schedule suits a short run (see cluster.SHORT_CONFIG), 2 epochs of 100 steps.
-SHORT = ["--config", "configs/fast.yaml", "--set", "train.epochs=2", "--set", "train.steps_per_epoch=100"]
-TIMEOUT = 900
-
-
-def run_env() -> dict:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    env.pop("FMNIST_DATA_DIR", None)
-    return env
+# The lean recipe, whose schedule suits a short run (conftest.SHORT_CONFIG), 2 epochs of 100 steps.
+SHORT = ["--config", SHORT_CONFIG, "--set", "train.epochs=2", "--set", "train.steps_per_epoch=100"]
 
 
 def train_cmd(run_dir: Path, *extra: str) -> list[str]:
     return [PYTHON, "-m", "fmnist_dist", "train", "--run-dir", str(run_dir), *SHORT, *extra]
-
-
-def run(cmd: list[str], timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def load(run_dir: Path) -> dict:
-    return json.loads((run_dir / "report.json").read_text())
 
 
 def check_report(report: dict, ranks: int) -> None:
@@ -76,7 +53,7 @@ def check_shards_disjoint(report: dict) -> None:
     for r in world["ranks"]:
         shard = data.epoch_shard(train_idx, 1, cfg["train"]["seed"], r["rank"], world["size"],
                                  d["batch_size_per_rank"])[: r["shard_size"]]
-        assert index_digest(shard) == r["epoch1_shard_sha256"]
+        assert data.index_digest(shard) == r["epoch1_shard_sha256"]
         shards.append(set(shard.tolist()))
     assert sum(len(s) for s in shards) == len(set().union(*shards)), "rank shards overlap"
 

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .timing import CATEGORIES, CATEGORY_LABELS, breakdown_rows  # noqa: E402
+from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows  # noqa: E402
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100

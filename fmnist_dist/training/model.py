@@ -1,10 +1,30 @@
 """The CNN, built from the layer list in the config (see config.LAYER_PARAMS)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import tensorflow as tf
 
-NUM_CLASSES = 10
+from .optim import WarmupSchedule, lr_schedule, make_optimizer
+
+from ..data import NUM_CLASSES
 IMAGE_SHAPE = (28, 28, 1)
+
+
+def build_and_compile(ns: Any, world_size: int, steps_per_epoch: int,
+                      distributed: Callable | None = None) -> tuple[tf.keras.Model, Any, WarmupSchedule]:
+    """The model, its optimizer (wrapped by `distributed`, e.g. hvd.DistributedOptimizer) and the
+    learning-rate schedule, compiled and built: what training trains and the benchmark times."""
+    tf.keras.utils.set_random_seed(ns.train.seed)      # the same on every rank: the same initial weights
+    model = build_model(ns.model.layers, ns.train.seed)
+    schedule = lr_schedule(ns.train, world_size, steps_per_epoch)
+    optimizer = make_optimizer(ns.train, schedule)
+    if distributed is not None:
+        optimizer = distributed(optimizer)
+    loss = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ns.train.label_smoothing)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    optimizer.build(model.trainable_variables)
+    return model, optimizer, schedule
 
 
 def build_model(layers: list[dict], seed: int) -> tf.keras.Model:

@@ -15,14 +15,11 @@ import shutil
 import sys
 import tempfile
 
-from .errors import FmnistError
+from ..errors import CheckpointError
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
 
-
-class CheckpointError(FmnistError):
-    """A checkpoint could not be written, or none could be read."""
 
 
 def checkpoint_root(run_dir: str) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from .errors import FmnistError
+from ..errors import ProjectionError
 
 NODES = (4, 8, 16, 64)
 ERROR_FLOOR = 0.15
@@ -45,9 +45,6 @@ ERROR_FLOOR = 0.15
 # more than the base's (cpu_wait_share, from the scheduler): else the node was oversubscribed.
 MAX_EXTRA_CPU_WAIT = 0.15
 
-
-class ProjectionError(FmnistError):
-    """The runs given do not allow a projection (say why)."""
 
 
 def steady_epochs(report: dict) -> list[dict]:

@@ -23,11 +23,12 @@ import hashlib
 import io
 import json
 import os
-import sys
 from typing import Any
 
+from .. import config as config_mod
+from ..timing.breakdown import breakdown_rows
+from .render import precision_label
 from . import report as report_mod
-from . import timing
 
 COMPARISON_SCHEMA = "fmnist-dist/comparison"
 COMPARISON_VERSION = 1
@@ -35,7 +36,7 @@ WORLD_KEYS = frozenset({
     "intel.intra_op_threads", "intel.inter_op_threads", "intel.kmp_affinity", "intel.kmp_blocktime",
     "data.dir", "data.download", "data.url", "data.cache_dir",
 })
-WORLD_PREFIXES = ("report.", "run.", "checkpoint.", "launch.")
+WORLD_PREFIXES = ("report.", "checkpoint.")
 # (key, heading, format for text/md); csv and json carry the raw values.
 COLUMNS = (
     ("run", "run", "{}"), ("status", "status", "{}"), ("recipe", "recipe", "{}"),
@@ -83,30 +84,20 @@ def load_all(paths: list[str]) -> list[tuple[str, dict | None, str | None]]:
 
 def recipe_key(config: dict) -> str:
     """A short hash of the config minus world-dependent keys: equal for runs of the same recipe."""
-    flat = {k: v for k, v in _flatten(config).items()
+    flat = {k: v for k, v in config_mod.flat(config).items()
             if k not in WORLD_KEYS and not k.startswith(WORLD_PREFIXES)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_name(report: dict) -> str:
-    """The --config file's name as the run was started, else 'defaults'."""
+    """The --config file's name as the run was started, else 'default' (the schema's defaults are the default recipe)."""
     argv = (report.get("environment") or {}).get("argv") or []
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
             return os.path.splitext(os.path.basename(argv[i + 1]))[0]
         if a.startswith("--config="):
             return os.path.splitext(os.path.basename(a.split("=", 1)[1]))[0]
-    return "defaults"
+    return "default"
 
 
 def row_for(path: str, report: dict | None, error: str | None) -> dict:
@@ -118,7 +109,7 @@ def row_for(path: str, report: dict | None, error: str | None) -> dict:
         row.update(status="unreadable", error=error)
         return row
     env, w, t, res = report.get("environment") or {}, report["world"], report.get("timing") or {}, report.get("results") or {}
-    rows = timing.breakdown_rows(report)
+    rows = breakdown_rows(report)
     total = sum(r.get("total_s", 0.0) for r in rows)
     comm = sum(r.get("comm_s", 0.0) for r in rows)
     row.update(
@@ -130,7 +121,7 @@ def row_for(path: str, report: dict | None, error: str | None) -> dict:
         images_per_s=t.get("images_per_s") or None,
         comm_share=(comm / total if total > 0 else None) if report.get("epochs") else None,
         split_method=(report.get("breakdown") or {}).get("method"),
-        precision=report_mod.precision_label(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
+        precision=precision_label(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
         onednn="on" if env.get("onednn_enabled") else "off",
     )
     return row
@@ -263,7 +254,7 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
 
 def cpu_label(env: dict) -> str:
     """'AMD EPYC (AVX2, ONEDNN_MAX_CPU_ISA=AVX2)': each distinct CPU of the run as the kernels saw it."""
-    from . import cpu
+    from .. import cpu
 
     nodes = env.get("nodes") or [{"cpu_model": env.get("cpu_model", "?"), "isa_cap": None,
                                   "isa": cpu.ISA_NAMES.get(cpu.cpu_level(env.get("cpu_flags") or []), "?")}]
@@ -272,7 +263,7 @@ def cpu_label(env: dict) -> str:
 
 
 def _mean_pct(values: list) -> str:
-    """Mean as a percentage; a dash when an older report lacks the value."""
+    """Mean as a percentage; a dash when a run lacks the value."""
     import statistics
 
     return "—" if None in values else f"{statistics.mean(values):.2%}"
@@ -322,102 +313,3 @@ def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[di
 
 # --------------------------------------------------------------------------------------------
 # The `report` subcommand (its arguments and its command; __main__ wires them in)
-
-def add_report_arguments(p) -> None:
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories (or report.json files, or a quoted glob such as 'runs/*'); "
-                        "one: its summary; several: a comparison table")
-    p.add_argument("--format", choices=("text", "md", "csv", "json"), default="text",
-                   help="text (terminal), md (Markdown), csv, json (default text); csv of one run is its epochs.csv")
-    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (one run: accuracy/loss, "
-                   "throughput, time per rank; several: scaling and time per run)")
-    p.add_argument("--seeds", action="store_true", help="several runs: completed runs grouped by recipe with "
-                   "the seed left out: test accuracy mean, spread and range, mean training time and images/s")
-    p.add_argument("--project", action="store_true", help="projected time per epoch and efficiency on more "
-                   "nodes, with the model's assumptions, and its validation on the measured sizes")
-    p.add_argument("--nodes", default="4,8,16,64", help="node counts for --project (default 4,8,16,64)")
-    p.add_argument("--ranks-per-node", type=int, help="ranks per node for --project (default: as in the base run)")
-    p.add_argument("--latency-us", type=float, help="--project: per-hop allreduce latency of your network, µs "
-                   "(default: from the allreduce probe, measured on the run's ranks)")
-    p.add_argument("--bandwidth-gbs", type=float, help="--project: link bandwidth of your network, GB/s "
-                   "(default: from the allreduce probe)")
-    p.add_argument("--latency-model", choices=("ring", "tree"), default="ring",
-                   help="--project: latency hops of the allreduce: ring 2(p-1) (default) or tree 2 log2(p)")
-
-
-def cmd_report(args) -> int:
-    from . import projection
-
-    paths = expand(args.run_dirs)
-    try:
-        nodes = tuple(int(n) for n in str(args.nodes).split(",") if n.strip())
-        if not nodes or min(nodes) < 1:
-            raise ValueError
-    except ValueError:
-        raise report_mod.ReportError(f"--nodes {args.nodes}: expected node counts such as 4,8,16,64") from None
-    latency = args.latency_us * 1e-6 if args.latency_us is not None else None
-    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs is not None else None
-    if len(paths) == 1:
-        report = report_mod.load_report(paths[0])   # unreadable: ReportError, exit 2
-        proj = None
-        if args.project:
-            try:
-                proj = projection.project(report, nodes=nodes, ranks_per_node=args.ranks_per_node,
-                                          latency_s=latency, bandwidth_Bps=bandwidth,
-                                          latency_model=args.latency_model)
-            except projection.ProjectionError as e:
-                raise report_mod.ReportError(f"{paths[0]}: cannot project: {e}") from None
-        if args.format == "json":
-            print(json.dumps(report if proj is None else {"report": report, "projection": proj}, indent=2))
-        elif args.format == "csv":
-            print(report_mod.epochs_csv(report), end="")
-        else:
-            text = report_mod.render_markdown(report) if args.format == "md" else "\n".join(report_mod.summary_lines(report))
-            print(text)
-            if proj is not None:
-                print("\n" + "\n".join(projection.render(proj, args.format)))
-        if args.plots:
-            from . import plots
-            written = plots.plot_run(report, args.plots)
-            print("plots: " + (", ".join(written) if written else "none (no finished epoch)"), file=sys.stderr)
-        return 0
-
-    loaded = load_all(paths)
-    if all(r is None for _, r, _ in loaded):
-        raise report_mod.ReportError("no readable report among the runs given:\n  "
-                                     + "\n  ".join(e for _, _, e in loaded))
-    if args.seeds:
-        print(seed_summary(loaded, "md" if args.format == "md" else "text"))
-        return 0
-    rows = compare_rows(loaded)
-    projs, vals, problems = [], [], []
-    if args.project:
-        projs, vals, problems = projections(loaded, rows, nodes, args.ranks_per_node, latency, bandwidth,
-                                            args.latency_model)
-    if args.format == "json":
-        data = json.loads(render(rows, "json"))
-        if args.project:
-            data.update(projections=projs, validations=vals, projection_problems=problems)
-        print(json.dumps(data, indent=2))
-    else:
-        print(render(rows, args.format))
-        if args.project and args.format != "csv":
-            for proj in projs:
-                print("\n" + "\n".join(projection.render(proj, args.format)))
-            if vals:
-                print("")
-            for v in vals:
-                print("\n".join(projection.render_validation(v, args.format)))
-            for p in problems:
-                print(f"projection: {p}")
-        elif args.project:
-            print("fmnist-dist: --project is not part of the csv output; use text, md or json", file=sys.stderr)
-    for _, r, e in loaded:
-        if r is None:
-            print(f"fmnist-dist: warning: {e}", file=sys.stderr)
-    if args.plots:
-        from . import plots
-        reports = {p: r for p, r, _ in loaded if r is not None}
-        written = plots.plot_comparison(rows, reports, args.plots, projs)
-        print("plots: " + ", ".join(written), file=sys.stderr)
-    return 0

@@ -1,0 +1,125 @@
+"""What a benchmark launch measures: training throughput with the training code itself, and the
+matmul peak. Imported by the worker after `runtime.prepare` (TensorFlow loads here)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import tensorflow as tf
+
+from .. import cpu
+from .. import data as data_mod
+from ..config import describe_layers
+from ..training import runtime
+from ..training.callbacks import StepTimer
+from ..training.model import build_and_compile, flops_per_image
+from ..training.pipeline import make_batches
+
+_T0 = time.perf_counter()
+
+
+def _stage(what: str) -> None:
+    """A progress line into the launch's log: seconds since TensorFlow was imported."""
+    print(f"bench worker pid {os.getpid()}: {time.perf_counter() - _T0:7.1f} s  {what}", file=sys.stderr, flush=True)
+
+
+def start_single(ns: Any) -> tuple[dict, int]:
+    """runtime.start minus Horovod: the same ITEX, threads and precision decision (the worker ran
+    environment.prepare before TensorFlow loaded)."""
+    node = cpu.node_facts()
+    itex = runtime.load_itex(ns.intel.itex, node)
+    threads = int(os.environ["FMNIST_THREADS"])
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(ns.intel.inter_op_threads)
+    runtime.set_precision(ns.intel.mixed_precision, [node], itex)
+    return itex, threads
+
+
+def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | None:
+    """images/s of `steps` timed steps after `warmup_steps` untimed ones, all ranks, as training runs them."""
+    _stage("start")
+    if horovod:
+        rt = runtime.start(ns)
+        hvd, rank, world, threads, environment = rt.hvd, rt.rank, rt.size, rt.threads, rt.environment
+    else:
+        itex, threads = start_single(ns)
+        rt = hvd = None
+        rank, world = 0, 1
+        environment = {"itex": itex, "onednn_enabled": runtime.onednn_enabled(), "horovod_controller": None,
+                       "mixed_precision_policy": tf.keras.mixed_precision.global_policy().name,
+                       "itex_auto_mixed_precision": os.environ.get("ITEX_AUTO_MIXED_PRECISION") == "1"
+                       and itex["loaded"],
+                       "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads")
+    t = ns.train
+    dataset = data_mod.load_fashion_mnist(ns.data.dir, ns.data.download, ns.data.cache_dir, ns.data.url,
+                                          progress=False)
+    train_idx, _ = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, t.seed)
+    shard = data_mod.epoch_shard(train_idx, 1, t.seed, rank, world, t.batch_size)
+    batches = make_batches(dataset.x_train[shard], dataset.y_train[shard], t, 1, rank).repeat()
+    steps_per_epoch = data_mod.steps_per_epoch(len(train_idx), world, t.batch_size)
+    model, optimizer, _ = build_and_compile(ns, world, steps_per_epoch, hvd.DistributedOptimizer if hvd else None)
+    callbacks = []
+    if hvd is not None:
+        rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
+        callbacks.append(hvd.callbacks.MetricAverageCallback())
+    timer = StepTimer()
+    _stage("data and model ready")
+    # The dataset itself, as training passes it: given a Python iterator, Keras wraps it as a
+    # generator, and steps then waited for it in multiples of ~85 ms (measured: 5.1, 10.3, 20.5 s
+    # for 60 steps whatever the variant).
+    model.fit(batches, epochs=1, steps_per_epoch=warmup_steps, callbacks=callbacks + [timer], verbose=0)
+    warm_step_s = timer.step_s
+    _stage(f"{warmup_steps} warm-up steps done")
+    if hvd is not None:
+        hvd.allreduce(tf.constant(0.0), name="bench_barrier")
+    t0 = time.perf_counter()
+    model.fit(batches, epochs=1, steps_per_epoch=steps, callbacks=callbacks + [timer], verbose=0)
+    fit_s = time.perf_counter() - t0
+    _stage(f"{steps} timed steps done in {fit_s:.2f} s")
+    mine = {"rank": rank, "fit_s": fit_s, "step_s": timer.step_s, "steps": timer.steps, "warmup_step_s": warm_step_s,
+            "threads": threads, "affinity": sorted(os.sched_getaffinity(0)), "pid": os.getpid()}
+    ranks = rt.hvd_tf.allgather_object(mine) if hvd is not None else [mine]
+    if rank != 0:
+        return None
+    slowest = max(r["fit_s"] for r in ranks)
+    images = sum(r["steps"] for r in ranks) * t.batch_size
+    fpi = flops_per_image(model)
+    keep = ("itex", "onednn_enabled", "horovod_controller", "mixed_precision_policy", "itex_auto_mixed_precision",
+            "intra_op_threads")
+    return {"images_per_s": images / slowest, "fit_s": slowest, "images": images, "world": world,
+            "batch_size": t.batch_size, "ranks": sorted(ranks, key=lambda r: r["rank"]),
+            "environment": {k: environment.get(k) for k in keep},
+            "model": {"description": describe_layers(ns.model.layers), "parameters": int(model.count_params()),
+                      "flops_per_image": fpi, "train_flops_per_image": 3 * fpi}}
+
+
+def peak(ns: Any, n: int, calls: int, rounds: int = 3) -> dict:
+    """GFLOP/s of n x n matmuls in float32 (and bfloat16 where the CPU has it natively) with all of
+    this process's threads; rounds alternate the types, each the best of `calls` timed calls."""
+    itex, threads = start_single(ns)
+    out = {"fp32": [], "bf16": [], "threads": threads, "itex": itex["loaded"]}
+    dtypes = [("fp32", tf.float32)] + ([("bf16", tf.bfloat16)] if cpu.node_facts()["native_bf16"] else [])
+    mats = {}
+    for key, dtype in dtypes:
+        a = tf.cast(tf.random.stateless_uniform((n, n), seed=[1, 2], minval=-1, maxval=1), dtype)
+        b = tf.cast(tf.random.stateless_uniform((n, n), seed=[3, 4], minval=-1, maxval=1), dtype)
+        mats[key] = (a, b)
+
+    @tf.function
+    def mm(a, b):
+        return tf.matmul(a, b)[0, 0]
+
+    for key in mats:
+        mm(*mats[key]).numpy()  # trace and warm up
+    for _ in range(rounds):
+        for key, (a, b) in mats.items():
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                mm(a, b).numpy()
+                times.append(time.perf_counter() - t0)
+            out[key].append(2 * n ** 3 / min(times) / 1e9)
+    return {"peak": out}

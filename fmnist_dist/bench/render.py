@@ -1,0 +1,93 @@
+"""The benchmark's tables: text for the terminal, Markdown for bench.md and the docs."""
+from __future__ import annotations
+
+
+def _f(x, fmt: str = "{:.0f}", none: str = "—") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def _load_line(result: dict) -> str:
+    load = result["load"]
+    before = " ".join(f"{x:.2f}" for x in load["before"])
+    line = f"load average before the run {before} (1/5/15 min)"
+    if (load.get("waited_s") or 0) >= 1:
+        line += f" after waiting {load['waited_s']:.0f} s"
+    if load.get("launches_other_cpu_median") is not None:
+        line += (f"; other processes used {100 * load['launches_other_cpu_median']:.0f}% of the cores during "
+                 f"the median launch (max {100 * load['launches_other_cpu_max']:.0f}%)")
+    return line
+
+
+def _peak_line(result: dict) -> str:
+    peak, model = result["peak"], result["model"]
+    parts = []
+    if peak:
+        parts.append(f"matmul peak (best of {sum(len(s['fp32']) for s in peak['samples'])} probes, "
+                     f"{peak['n']}x{peak['n']}, 2 threads): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
+                     + (f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s" if peak["bf16_gflops"] else "bf16 not measured "
+                        "(no native bf16)"))
+    if model:
+        parts.append(f"model {model['description']}: {model['flops_per_image'] / 1e6:.2f} MFLOP/image forward, "
+                     f"training ~3x = {model['train_flops_per_image'] / 1e6:.1f} MFLOP/image")
+    return "; ".join(parts)
+
+
+def machine_line(m: dict) -> str:
+    """The CPU as the kernels see it: the ISA oneDNN may use (after any ONEDNN_MAX_CPU_ISA cap)."""
+    cap = f" ({m['isa_cap']})" if m.get("isa_cap") else ""
+    return (f"{m['cpu_model']}, {m['cores']} cores, ISA {m['isa']}{cap}, native bf16 "
+            f"{'yes' if m['native_bf16'] else 'no'}, AMX {'yes' if m['amx'] else 'no'}")
+
+
+def text_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"fmnist-dist bench on {result['host']}: {machine_line(m)}",
+             f"batch {result['settings']['batch_size']}/rank, {result['settings']['reps']} interleaved repetitions, "
+             f"{result['settings']['warmup_steps']} warm-up + {result['settings']['steps']} timed steps per launch",
+             _load_line(result), _peak_line(result), ""]
+    head = f"{'variant':24s} {'ranks':>5s} {'precision':>15s} {'images/s':>9s} {'spread':>7s} {'vs base':>8s} {'GFLOP/s':>8s} {'of peak':>8s}"
+    lines += [head, "-" * len(head)]
+    for v in result["variants"]:
+        lines.append(f"{v['name']:24s} {v['ranks']}x{v['threads_per_rank']:<3d} {v['precision']:>15s} "
+                     f"{_f(v['median']):>9s} {_f(v['spread'], '{:.0%}'):>7s} {_f(v['vs_baseline'], '{:.2f}x'):>8s} "
+                     f"{_f(v['gflops']):>8s} {_f(v['peak_fraction'], '{:.0%}'):>8s}")
+    lines += [f"{v['name']:24s} skipped: {v['reason']}" for v in result.get("skipped", [])]
+    if result["comparisons"]:
+        lines += ["", f"{'comparison (same repetition, A/B)':40s} {'median':>7s} {'min':>6s} {'max':>6s}"]
+        for c in result["comparisons"]:
+            lines.append(f"{c['name']:40s} {_f(c['median'], '{:.2f}x'):>7s} {_f(c['min'], '{:.2f}'):>6s} "
+                         f"{_f(c['max'], '{:.2f}'):>6s}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [f"Benchmark (`python -m fmnist_dist bench{' --quick' if result['quick'] else ''}`), {result['started']}: "
+             f"{machine_line(m)}. "
+             f"Batch {s['batch_size']} per rank; {s['reps']} interleaved repetitions of {s['warmup_steps']} "
+             f"warm-up (excluded) + {s['steps']} timed steps per launch; median images/s, spread = "
+             f"(max - min) / median. {_load_line(result)}.", "",
+             "| variant | ranks x threads | precision | ITEX | oneDNN | images/s (median) | spread | vs baseline "
+             "| GFLOP/s | of peak |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for v in result["variants"]:
+        env = v.get("environment") or {}
+        itex = "on" if (env.get("itex") or {}).get("loaded") else ("off" if env else v["intel"].get("itex", "?"))
+        onednn = ("on" if env.get("onednn_enabled") else "off") if env else ("on" if v["intel"].get("onednn") else "off")
+        lines.append(f"| {v['title']} (`{v['name']}`) | {v['ranks']} x {v['threads_per_rank']} | {v['precision']} | "
+                     f"{itex} | {onednn} | {_f(v['median'])} | {_f(v['spread'], '{:.0%}')} | "
+                     f"{_f(v['vs_baseline'], '{:.2f}x')} | {_f(v['gflops'])} | "
+                     f"{_f(v['peak_fraction'], '{:.0%}')} {v['peak_used'] if v['peak_fraction'] is not None else ''} |")
+    if result.get("skipped"):
+        lines += ["", "Skipped on this CPU: " + "; ".join(f"`{v['name']}` ({v['reason']})" for v in result["skipped"]) + "."]
+    if result["comparisons"]:
+        lines += ["", "| comparison (launches of the same repetition) | A / B, median | min | max |",
+                  "|---|---:|---:|---:|"]
+        for c in result["comparisons"]:
+            lines.append(f"| {c['name']}: {c['what']} | {_f(c['median'], '{:.2f}x')} | {_f(c['min'], '{:.2f}')} | "
+                         f"{_f(c['max'], '{:.2f}')} |")
+    peak = _peak_line(result)
+    if peak:
+        lines += ["", peak + ". GFLOP/s = images/s x training FLOPs per image; \"of peak\" compares it with the "
+                  "measured matmul peak of the variant's precision."]
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The benchmark's arithmetic: medians and spreads per variant, ratios of launches of one repetition."""
+from __future__ import annotations
+
+import os
+import statistics
+
+from .variants import BASELINE, COMPARISONS, Variant, display_command
+
+
+def stats(values: list) -> dict:
+    good = [x for x in values if x is not None]
+    if not good:
+        return {"median": None, "min": None, "max": None, "spread": None}
+    med = statistics.median(good)
+    return {"median": med, "min": min(good), "max": max(good),
+            "spread": (max(good) - min(good)) / med if med else None}
+
+
+def summarize_variants(variants: list[Variant], per_variant: dict, environments: dict, model: dict | None,
+                       peak: dict | None) -> list[dict]:
+    base = per_variant.get(BASELINE)
+    rows = []
+    for v in variants:
+        s = stats(per_variant[v.name])
+        train_flops = model["train_flops_per_image"] if model else None
+        gflops = s["median"] * train_flops / 1e9 if s["median"] is not None and train_flops else None
+        peak_value = (peak or {}).get("bf16_gflops" if v.bf16 else "fp32_gflops")
+        vs = None
+        if base and v.name != BASELINE:
+            ratios = [a / b for a, b in zip(per_variant[v.name], base) if a and b]
+            vs = statistics.median(ratios) if ratios else None
+        elif base and v.name == BASELINE and s["median"] is not None:
+            vs = 1.0
+        rows.append({"name": v.name, "title": v.title, "group": v.group, "launcher": v.launcher,
+                     "ranks": v.ranks, "threads_per_rank": (environments.get(v.name) or {}).get(
+                         "intra_op_threads") or max(1, (os.cpu_count() or 1) // v.ranks),
+                     "precision": v.precision, "intel": v.intel, "command": display_command(v),
+                     "images_per_s": per_variant[v.name], **s, "gflops": gflops,
+                     "peak_fraction": gflops / peak_value if gflops and peak_value else None,
+                     "peak_used": "bf16" if v.bf16 else "fp32",
+                     "vs_baseline": vs, "environment": environments.get(v.name)})
+    return rows
+
+
+def compare(per_variant: dict) -> list[dict]:
+    out = []
+    for name, what, a, b in COMPARISONS:
+        if a not in per_variant or b not in per_variant:
+            continue
+        ratios = [x / y if x and y else None for x, y in zip(per_variant[a], per_variant[b])]
+        out.append({"name": name, "what": what, "a": a, "b": b, "ratios": ratios, **_ratio_stats(ratios)})
+    return out
+
+
+def _ratio_stats(ratios: list) -> dict:
+    s = stats(ratios)
+    return {"median": s["median"], "min": s["min"], "max": s["max"]}

@@ -1,0 +1,113 @@
+"""The variants the benchmark compares, what each pair of them shows, and how each is launched."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+BIND_ARGS = "-bind-to core -map-by core"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    title: str
+    group: str
+    launcher: str            # keras (no Horovod) | single (Horovod, 1 process) | mpi | mpi-bind | gloo
+    ranks: int
+    intel: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return {"fp32": "fp32", "keras_bf16": "bf16 (Keras)", "itex_bf16": "bf16 (ITEX AMP)"}[
+            self.intel.get("mixed_precision", "fp32")]
+
+    @property
+    def bf16(self) -> bool:
+        return self.intel.get("mixed_precision", "fp32") != "fp32"
+
+    def skip_reason(self, node: dict) -> str | None:
+        """Why this variant cannot run on this node's CPU (None: it can)."""
+        if self.bf16 and not node["native_bf16"]:
+            return f"needs native bf16; this CPU offers {node['isa']}" + (f" ({node['isa_cap']})" if node["isa_cap"] else "")
+        return None
+
+
+FP32 = {"itex": "auto", "onednn": True, "mixed_precision": "fp32"}
+VARIANTS = [
+    Variant("hvd-1x2-fp32", "1 rank x 2 threads, fp32, ITEX + oneDNN", "baseline", "single", 1, FP32),
+    Variant("hvd-1x2-keras-bf16", "1x2, bf16 Keras mixed precision", "precision", "single", 1,
+            {**FP32, "mixed_precision": "keras_bf16"}),
+    Variant("hvd-1x2-itex-bf16", "1x2, bf16 ITEX auto mixed precision", "precision", "single", 1,
+            {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
+    Variant("hvd-1x2-fp32-noitex", "1x2, fp32, ITEX off (stock TF + oneDNN)", "itex", "single", 1,
+            {**FP32, "itex": "off"}),
+    Variant("hvd-1x2-fp32-noonednn", "1x2, fp32, ITEX off, oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)", "onednn",
+            "single", 1, {**FP32, "itex": "off", "onednn": False}),
+    Variant("keras-1x2-fp32", "plain Keras, no Horovod, 1 process x 2 threads, fp32", "horovod", "keras", 1, FP32),
+    Variant("mpi-2x1-fp32-nobind", "2 ranks x 1 thread, horovodrun --mpi, unbound (intel.bind=off)", "ranks",
+            "mpi", 2, {**FP32, "bind": "off"}),
+    Variant("mpi-2x1-fp32", "2 ranks x 1 thread, horovodrun --mpi, each rank binds itself (intel.bind=auto)",
+            "ranks", "mpi", 2, FP32),
+    Variant("mpi-2x1-fp32-bind", "2 ranks x 1 thread, horovodrun --mpi, -bind-to core", "ranks", "mpi-bind", 2,
+            FP32),
+    Variant("gloo-2x1-fp32", "2 ranks x 1 thread, horovodrun --gloo (intel.bind=auto)", "controller", "gloo", 2, FP32),
+    Variant("mpi-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP, horovodrun --mpi", "ranks", "mpi", 2,
+            {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
+    Variant("gloo-2x1-itex-bf16", "2 ranks x 1 thread, bf16 ITEX AMP, horovodrun --gloo", "controller", "gloo", 2,
+            {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
+    Variant("gloo-2x1-keras-bf16", "2 ranks x 1 thread, bf16 Keras, horovodrun --gloo (as make train runs)",
+            "controller", "gloo", 2, {**FP32, "mixed_precision": "keras_bf16"}),
+]
+BASELINE = "hvd-1x2-fp32"
+# (name, what it shows, A, B): ratio = images/s of A / images/s of B, launch by launch.
+COMPARISONS = [
+    ("keras bf16 / fp32", "bf16 via Keras mixed precision", "hvd-1x2-keras-bf16", "hvd-1x2-fp32"),
+    ("ITEX AMP bf16 / fp32", "bf16 via ITEX auto mixed precision", "hvd-1x2-itex-bf16", "hvd-1x2-fp32"),
+    ("ITEX AMP bf16 / keras bf16", "the two bf16 routes", "hvd-1x2-itex-bf16", "hvd-1x2-keras-bf16"),
+    ("ITEX on / off (fp32)", "Intel Extension for TensorFlow", "hvd-1x2-fp32", "hvd-1x2-fp32-noitex"),
+    ("oneDNN on / off (fp32, no ITEX)", "TF_ENABLE_ONEDNN_OPTS=1 vs 0", "hvd-1x2-fp32-noitex",
+     "hvd-1x2-fp32-noonednn"),
+    ("2x1 / 1x2", "2 ranks x 1 thread (default: self-bound) vs 1 rank x 2 threads", "mpi-2x1-fp32",
+     "hvd-1x2-fp32"),
+    ("2x1 unbound / 1x2", "2 ranks, intel.bind=off, vs 1 rank x 2 threads", "mpi-2x1-fp32-nobind", "hvd-1x2-fp32"),
+    ("2x1 self-bound / unbound", "intel.bind=auto vs off", "mpi-2x1-fp32", "mpi-2x1-fp32-nobind"),
+    ("2x1 mpirun-bound / self-bound", "mpirun -bind-to core vs intel.bind=auto", "mpi-2x1-fp32-bind",
+     "mpi-2x1-fp32"),
+    ("2x1 bf16 / 1x2 bf16", "2 ranks vs 1 rank at ITEX bf16", "mpi-2x1-itex-bf16",
+     "hvd-1x2-itex-bf16"),
+    ("Gloo / MPI (2x1)", "Horovod controller and collectives", "gloo-2x1-fp32", "mpi-2x1-fp32"),
+    ("Gloo / MPI (2x1 bf16)", "the same at ITEX bf16", "gloo-2x1-itex-bf16", "mpi-2x1-itex-bf16"),
+    ("2x1 Gloo bf16 / 1x2 bf16", "2 ranks under Gloo vs 1 rank at ITEX bf16", "gloo-2x1-itex-bf16",
+     "hvd-1x2-itex-bf16"),
+    ("2x1 Gloo keras bf16 / 1x2 keras bf16", "2 ranks under Gloo vs 1 rank at Keras bf16 (the default recipe)",
+     "gloo-2x1-keras-bf16", "hvd-1x2-keras-bf16"),
+    ("Horovod / plain Keras (1x2)", "Horovod's overhead at 1 rank", "hvd-1x2-fp32", "keras-1x2-fp32"),
+    ("Horovod 2x1 / plain Keras 1x2", "2 Horovod ranks vs the same model without Horovod",
+     "mpi-2x1-fp32", "keras-1x2-fp32"),
+]
+QUICK_VARIANTS = ("keras-1x2-fp32", "mpi-2x1-fp32")  # both launch paths, one comparison
+
+
+def launch_command(v: Variant, spec_path: str) -> list[str]:
+    worker = [sys.executable, "-m", "fmnist_dist.bench.worker", spec_path]
+    if v.launcher in ("keras", "single"):
+        return worker
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    cmd = [horovodrun if os.path.exists(horovodrun) else "horovodrun", "-np", str(v.ranks)]
+    if v.launcher == "gloo":
+        return cmd + ["--gloo"] + worker
+    cmd.append("--mpi")
+    if v.launcher == "mpi-bind":
+        cmd.append(f"--binding-args={BIND_ARGS}")
+    return cmd + worker
+
+
+def display_command(v: Variant) -> str:
+    """The launch as a user would type it (the worker stands for a training process)."""
+    cmd = launch_command(v, "SPEC.json")
+    cmd[cmd.index(sys.executable)] = "python"
+    if cmd[0].endswith("horovodrun"):
+        cmd[0] = "horovodrun"
+    return " ".join(shlex.quote(c) for c in cmd)

@@ -1,0 +1,46 @@
+"""TensorBoard scalars of a run, written by rank 0 into RUN_DIR/tensorboard as the epochs end."""
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+
+class TensorBoardWriter:
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "tensorboard")
+        self._writer = None
+
+    def _open(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.path)
+        return self._writer
+
+    def epoch(self, report: dict) -> None:
+        """The last epoch's curves, throughput and times (per rank too)."""
+        e = report["epochs"][-1]
+        scalars = {"loss/train": e["train_loss"], "loss/validation": e["val_loss"],
+                   "accuracy/train": e["train_accuracy"], "accuracy/validation": e["val_accuracy"],
+                   "learning_rate": e["lr"], "throughput/images_per_s": e["images_per_s"],
+                   "time/epoch_training_s": e["training_s"], "time/epoch_evaluation_s": e["evaluation_s"]}
+        for r in e["ranks"]:
+            busy = r["data_s"] + r["fit_s"]
+            scalars[f"throughput/rank{r['rank']}_images_per_s"] = r["samples"] / busy if busy > 0 else 0.0
+        self._write(e["epoch"], scalars)
+
+    def final(self, report: dict) -> None:
+        """The test results and the run's totals, at the last epoch's step; then closes the file."""
+        res, timing = report.get("results", {}), report["timing"]
+        scalars = {name: res[key] for name, key in (("loss/test", "test_loss"), ("accuracy/test", "test_accuracy"))
+                   if res.get(key) is not None}
+        scalars.update({name: timing[key] for name, key in (
+            ("time/training_total_s", "training_s"), ("time/startup_s", "startup_s"),
+            ("throughput/images_per_s_run", "images_per_s")) if timing.get(key) is not None})
+        self._write(report["epochs"][-1]["epoch"], scalars)
+        self._writer.close()
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
+        with self._open().as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self._writer.flush()

@@ -1,0 +1,389 @@
+"""The training job, one process per rank. Read `train` top to bottom: it is the whole story.
+
+Horovod's idioms come in their canonical order, each tagged [hvd] with its reason: init, threads
+per rank, the learning rate scaled by the world size, DistributedOptimizer, the broadcast of the
+initial state, metric averaging, output from rank 0 only. Import this module only after
+`runtime.prepare` (TensorFlow reads its threading and oneDNN variables when it loads).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from .. import config as config_mod
+from .. import data as data_mod
+from .. import preflight
+from ..config import describe_layers
+from ..errors import CheckpointError, DataError, RunDirError
+from ..files import now_iso
+from ..reporting import report as report_mod
+from ..reporting.tensorboard import TensorBoardWriter
+from ..timing import recorder
+from . import environment, rundir, runtime
+from .callbacks import StepControl, StepTimer, StopFlag, agreed_stop, barrier
+from .model import build_and_compile, flops_per_image
+from .pipeline import evaluate, make_batches
+from .rundir import RunState
+
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: stopped cleanly and checkpointed; requeue to resume
+AGREED_ERRORS = (DataError, RunDirError, CheckpointError)
+
+
+class Preempted(Exception):
+    """Training stopped cleanly (signal or time limit) after writing a checkpoint."""
+
+    def __init__(self, reason: str, run_dir: str):
+        super().__init__(reason)
+        self.reason, self.run_dir = reason, run_dir
+
+
+def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False) -> dict | None:
+    """Train with the resolved config; rank 0 writes into run_dir and returns the final report
+    (other ranks return None). Raises Preempted after a clean, checkpointed stop."""
+    started, stop = now_iso(), StopFlag.install()              # SIGTERM/SIGUSR1 from here on
+    ns = config_mod.namespace(cfg)
+
+    # 1. Runtime. [hvd] init; one intra-op pool per rank, sized to its own cores; the precision
+    #    every rank agrees on (the least capable CPU decides).
+    rt = runtime.start(ns)
+
+    # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
+    t0 = time.perf_counter()
+    dataset = agree(rt, lambda: data_mod.load_fashion_mnist(
+        ns.data.dir, ns.data.download, ns.data.cache_dir, ns.data.url, progress=rt.rank == 0))
+    resuming = agree(rt, lambda: rt.rank == 0 and rundir.prepare(run_dir, overwrite, resume, cfg))
+    resuming = rt.hvd_tf.broadcast_object(resuming, root_rank=0)   # [hvd] rank 0 alone looked
+    data_load_s = time.perf_counter() - t0
+    plan = EpochPlan.of(dataset, ns, rt.size)
+
+    # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
+    #    DistributedOptimizer averages the gradients of all ranks at every step.
+    model, optimizer, schedule = build_and_compile(ns, rt.size, plan.steps, rt.hvd.DistributedOptimizer)
+
+    # 4. State: fresh, or rank 0's newest checkpoint. [hvd] weights and optimizer state are
+    #    broadcast from rank 0 before the first step, so every rank starts from the same point.
+    state, resumed_from = restore(rt, run_dir, model, optimizer, cfg, plan) if resuming else (RunState(), None)
+    rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
+    run = Run(rt, ns, cfg, run_dir, plan, dataset, model, optimizer, state, data_load_s=data_load_s)
+    run.report, run.segment = new_report(run, started, resumed_from, schedule.peak_lr)
+    run.startup_s = environment.seconds_since_process_start(t0) + time.perf_counter() - t0 - data_load_s
+    run.timing = recorder.start(rt, model, run_dir, run.startup_s)   # the allreduce probe (collective)
+    run.control = StepControl(rt, stop, ns.train.stop_check_steps, ns.train.time_limit, ns.checkpoint.every_steps)
+    # [hvd] MetricAverageCallback: the loss and accuracy Keras reports are averaged over the ranks.
+    run.callbacks = [rt.hvd.callbacks.MetricAverageCallback(), run.timer, run.control, *run.timing.callbacks()]
+
+    # 5. Epochs, each in one or more fit chunks (a chunk ends early for a stop or a mid-epoch checkpoint).
+    stop_reason = None
+    try:
+        for epoch in range(state.epoch, ns.train.epochs + 1):
+            if epoch != state.epoch:
+                state.next_epoch(epoch)
+            lr = float(schedule(optimizer.iterations))
+            while state.position < plan.epoch_samples and not stop_reason:
+                fit_chunk(run, epoch)
+                stop_reason = run.control.stop_reason
+                if not stop_reason and run.control.checkpoint_due and state.position < plan.epoch_samples:
+                    save(run, "running")                                     # mid-epoch checkpoint
+            if stop_reason and state.position < plan.epoch_samples:         # stopped inside the epoch
+                break
+            val_accuracy = end_epoch(run, epoch, lr)
+            target = ns.train.target_accuracy
+            if target is not None and val_accuracy >= target:               # the same on every rank
+                stop_reason = f"validation accuracy {val_accuracy:.4f} reached target {target}"
+                break
+            stop_reason = stop_reason or agreed_stop(rt, stop, ns.train.time_limit)
+            save(run, "running")
+            if stop_reason:
+                break
+    except (CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if rt.rank == 0:                                      # the report says how far it got, and why not further
+            run.report.update(status="failed", error=f"{type(e).__name__}: {e}", finished=now_iso())
+            run.segment.update(end="failed", ended=now_iso())
+            report_mod.write_report(run_dir, run.report)
+        raise
+
+    # 6. Stopped by a signal or the time limit: checkpoint, partial report, exit 75 to be requeued.
+    if stop_reason and not stop_reason.startswith("validation accuracy"):
+        run.segment.update(end="preempted", ended=now_iso(), reason=stop_reason)
+        run.report["stopped"] = stop_reason
+        save(run, "preempted")
+        raise Preempted(stop_reason, run_dir)
+
+    # 7. Test: exact accuracy over all 10,000 images; [hvd] rank 0 alone writes the report.
+    t_test = time.perf_counter()
+    test = evaluate(model, dataset.x_test, dataset.y_test, rt, ns.train.eval_batch_size, ns.train.eval_flip)
+    return finish(run, test, time.perf_counter() - t_test, stop_reason) if rt.rank == 0 else None
+
+
+@dataclass
+class EpochPlan:
+    """The split of the training images and what one epoch is on this world size."""
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    batch: int              # per rank
+    world: int
+    steps: int              # per epoch and rank
+    epoch_samples: int      # examples one epoch consumes, all ranks together
+
+    @classmethod
+    def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int) -> "EpochPlan":
+        train_idx, val_idx = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, ns.train.seed)
+        steps = data_mod.steps_per_epoch(len(train_idx), world, ns.train.batch_size)
+        if ns.train.steps_per_epoch:
+            steps = min(steps, ns.train.steps_per_epoch)
+        return cls(train_idx, val_idx, ns.train.batch_size, world, steps, steps * world * ns.train.batch_size)
+
+
+@dataclass
+class Run:
+    """Everything the phases of `train` share: the runtime, the model, the state and the report."""
+    rt: Any
+    ns: Any
+    cfg: dict
+    run_dir: str
+    plan: EpochPlan
+    dataset: data_mod.FashionMNIST
+    model: Any
+    optimizer: Any
+    state: RunState
+    report: dict = field(default_factory=dict)
+    segment: dict = field(default_factory=dict)    # this start's record, the last of report["segments"]
+    timing: Any = None
+    control: Any = None
+    timer: StepTimer = field(default_factory=StepTimer)
+    callbacks: list = field(default_factory=list)
+    tensorboard: TensorBoardWriter | None = None
+    startup_s: float = 0.0
+    data_load_s: float = 0.0
+
+
+def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan) -> tuple[RunState, str]:
+    """Rank 0 loads the newest usable checkpoint; every rank gets its state."""
+    state, path = agree(rt, lambda: rundir.restore(run_dir, model, optimizer, cfg) if rt.rank == 0 else (None, None))
+    state, path = rt.hvd_tf.broadcast_object((state, path), root_rank=0)
+    # The schedule counts steps of this world size: continue from the examples already seen.
+    optimizer.iterations.assign(state.samples_done // (plan.world * plan.batch))
+    for earlier in state.segments:
+        if earlier["end"] == "running":                      # it died without a clean stop
+            earlier["end"] = "interrupted"
+    return state, path
+
+
+def fit_chunk(run: Run, epoch: int) -> None:
+    """Train from the state's position to the epoch's end, or until a stop or checkpoint is due."""
+    rt, plan, state, t = run.rt, run.plan, run.state, run.ns.train
+    per_step = plan.world * plan.batch
+    steps_left = (plan.epoch_samples - state.position) // per_step
+    t_data = time.perf_counter()
+    shard = data_mod.epoch_shard(plan.train_idx, epoch, t.seed, rt.rank, plan.world, plan.batch,
+                                 start=state.position, max_steps=steps_left)
+    batches = make_batches(run.dataset.x_train[shard], run.dataset.y_train[shard], t, epoch, rt.rank,
+                           first_batch=state.position // per_step)
+    data_s = time.perf_counter() - t_data
+    t_fit = time.perf_counter()
+    history = run.model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, steps_per_epoch=steps_left,
+                            callbacks=run.callbacks, verbose=0)
+    fit_s = time.perf_counter() - t_fit
+    wait_s = barrier(rt)
+    state.position += run.timer.steps * per_step
+    state.samples_done += run.timer.steps * per_step
+    run.segment["training_s"] += data_s + fit_s + wait_s
+    record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": run.timer.step_s, "fit_s": fit_s,
+              "wait_s": wait_s, "eval_s": 0.0, "steps": run.timer.steps, "samples": run.timer.steps * plan.batch}
+    state.partial = merge_records(state.partial, rt.hvd_tf.allgather_object(record))
+    state.train_metrics = {k: float(history.history[k][-1]) for k in ("loss", "accuracy")}
+
+
+def end_epoch(run: Run, epoch: int, lr: float) -> float:
+    """Validation, the epoch's summary in the report (rank 0); returns the validation accuracy."""
+    rt, ns, state = run.rt, run.ns, run.state
+    t_eval = time.perf_counter()
+    x, y = run.dataset.x_train[run.plan.val_idx], run.dataset.y_train[run.plan.val_idx]
+    val = evaluate(run.model, x, y, rt, ns.train.eval_batch_size, ns.train.eval_flip)
+    eval_s = time.perf_counter() - t_eval
+    records = merge_records(state.partial, rt.hvd_tf.allgather_object({"rank": rt.rank, "eval_s": eval_s}))
+    metrics = {"lr": lr, "train_loss": state.train_metrics["loss"], "train_accuracy": state.train_metrics["accuracy"],
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    state.next_epoch(epoch + 1)
+    if rt.rank == 0:
+        epochs = [e for e in run.report["epochs"] if e["epoch"] != epoch]
+        run.report["epochs"] = epochs + [report_mod.epoch_summary(epoch, run.timing.split(epoch, records), metrics)]
+        update_timing(run)
+        run.timing.after_epoch(run.report)
+        if ns.report.tensorboard:
+            run.tensorboard = run.tensorboard or TensorBoardWriter(run.run_dir)
+            run.tensorboard.epoch(run.report)
+        print(epoch_line(run.report["epochs"][-1], ns.train.epochs), flush=True)
+    state.epochs = run.report["epochs"]
+    return val["accuracy"]
+
+
+def save(run: Run, status: str) -> None:
+    """Rank 0 writes the checkpoint, then the report; every rank learns if it failed."""
+    def write():
+        if run.rt.rank != 0:
+            return
+        run.state.epochs, run.state.segments = run.report["epochs"], run.report["segments"]
+        t_save = time.perf_counter()
+        rundir.save(run.run_dir, run.model, run.optimizer, run.state, run.cfg, run.plan.world, run.ns.checkpoint.keep)
+        run.state.segments = run.report["segments"][:-1]      # the earlier ones; this one is run.segment
+        if run.report["epochs"] and run.state.position == 0:   # the checkpoint of the epoch just ended
+            rank0 = run.report["epochs"][-1]["ranks"][0]
+            rank0["checkpoint_s"] = rank0.get("checkpoint_s", 0.0) + time.perf_counter() - t_save
+        run.report["status"] = status
+        update_timing(run)
+        report_mod.write_report(run.run_dir, run.report)
+    agree(run.rt, write)
+
+
+def finish(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) -> dict:
+    """Rank 0: the results, the final timing split, TensorBoard, plots and the report."""
+    report, target = run.report, run.ns.train.target_accuracy
+    last = report["epochs"][-1]
+    report["results"] = {
+        "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "test_correct": test["correct"], "test_total": test["total"],
+        "eval_flip": run.ns.train.eval_flip, "test_accuracy_one_view": test["one_view_accuracy"],
+        "target_accuracy": target,
+        "target_reached_epoch": next((e["epoch"] for e in report["epochs"]
+                                      if target is not None and e["val_accuracy"] >= target), None),
+        "stopped_early": stop_reason,
+    }
+    update_timing(run, test_eval_s)
+    run.segment.update(end="completed", ended=now_iso())
+    report.update(status="completed", finished=now_iso())
+    run.timing.finish(report)
+    if run.ns.report.tensorboard:
+        run.tensorboard = run.tensorboard or TensorBoardWriter(run.run_dir)
+        run.tensorboard.final(report)
+    if run.ns.report.plots:
+        write_plots(report, run.run_dir)
+    report_mod.write_report(run.run_dir, report)
+    return report
+
+
+def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float) -> tuple[dict, dict]:
+    """The report as it starts (every rank builds it; rank 0 writes it) and this start's segment."""
+    rt, ns, plan, state = run.rt, run.ns, run.plan, run.state
+    first_shard = data_mod.epoch_shard(plan.train_idx, 1, ns.train.seed, rt.rank, plan.world, plan.batch,
+                                       max_steps=plan.steps)
+    world = describe_world(rt, plan.steps * plan.batch, weights_digest(run.model), data_mod.index_digest(first_shard))
+    segment = {"segment": len(state.segments) + 1, "started": started, "world_size": plan.world,
+               "hosts": sorted(world["hosts"]), "resumed_from": resumed_from,
+               "start_epoch": state.epoch, "start_position": state.position, "peak_lr": peak_lr,
+               "precision": rt.environment["precision"]["chosen"], "training_s": 0.0, "ended": None, "end": "running"}
+    if resumed_from:
+        announce_resume(rt, state, segment, resumed_from)
+    model = run.model
+    report = {
+        "schema": report_mod.SCHEMA, "schema_version": report_mod.SCHEMA_VERSION,
+        "run_id": os.path.basename(os.path.abspath(run.run_dir)), "status": "running", "error": None,
+        "started": state.segments[0]["started"] if state.segments else started, "finished": None,
+        "config": run.cfg, "environment": rt.environment, "world": world,
+        "data": {"source": run.dataset.source, "train_size": len(plan.train_idx), "val_size": len(plan.val_idx),
+                 "test_size": len(run.dataset.y_test), "steps_per_epoch": plan.steps,
+                 "batch_size_per_rank": plan.batch, "global_batch_size": plan.batch * plan.world},
+        "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
+                  "parameters": int(model.count_params()),
+                  "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
+                  "batch_norm": any(layer["type"] == "batchnorm" for layer in ns.model.layers),
+                  "flops_per_image": flops_per_image(model)},
+        "segments": state.segments + [segment], "epochs": state.epochs, "timing": {}, "results": {},
+        "preflight": preflight.read(run.run_dir) if rt.rank == 0 else None,
+    }
+    return report, segment
+
+
+def announce_resume(rt, state: RunState, segment: dict, resumed_from: str) -> None:
+    """Say where the run continues, and what changed since the last segment (rank 0)."""
+    last = state.segments[-1] if state.segments else {}
+    if last.get("world_size") not in (None, segment["world_size"]):
+        segment["note"] = (f"resumed on {segment['world_size']} ranks (was {last['world_size']}): "
+                           f"data re-sharded, learning rate rescaled to {segment['peak_lr']:g}")
+    if rt.rank != 0:
+        return
+    if last.get("precision") not in (None, segment["precision"]):
+        print(f"fmnist-dist: warning: this segment trains in {segment['precision']}, the run so far in "
+              f"{last['precision']} ({rt.environment['precision']['reason']})", file=sys.stderr, flush=True)
+    print(f"resuming from {resumed_from}: epoch {state.epoch}, example {state.position} of the epoch"
+          + (f"; {segment['note']}" if "note" in segment else ""), flush=True)
+
+
+def update_timing(run: Run, test_eval_s: float = 0.0) -> None:
+    """The report's timing section from the epochs so far (rank 0)."""
+    timing = report_mod.timing_summary(run.report["epochs"], run.ns.train.target_accuracy)
+    timing["evaluation_s"] += test_eval_s
+    timing.update(startup_s=run.startup_s, data_load_s=run.data_load_s,
+                  total_s=run.startup_s + timing["training_s"] + timing["evaluation_s"])
+    run.report["timing"] = timing
+
+
+def write_plots(report: dict, run_dir: str) -> None:
+    """A failure to plot is reported, never fatal: the report is written regardless."""
+    try:
+        from ..reporting import plots   # matplotlib, only where plots are wanted
+        plots.plot_run(report, run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"fmnist-dist: warning: could not write plots: {e}", flush=True)
+
+
+def agree(rt: runtime.Runtime, action: Callable) -> Any:
+    """Run action on this rank; if it fails on any rank, raise on every rank (no rank is left
+    waiting in a collective for one that already gave up)."""
+    error = result = None
+    try:
+        result = action()
+    except AGREED_ERRORS as e:
+        error = e
+    failures = rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error)))
+    failures = [f for f in failures if f]
+    if error is not None:
+        raise error
+    if failures:
+        kind, message = failures[0]
+        raise {cls.__name__: cls for cls in AGREED_ERRORS}[kind](message)
+    return result
+
+
+def merge_records(earlier: list[dict] | None, later: list[dict]) -> list[dict]:
+    """Per-rank records of one epoch added up across chunks (and across segments after a resume)."""
+    merged = {r["rank"]: dict(r) for r in earlier or []}
+    for r in later:
+        into = merged.setdefault(r["rank"], {})
+        for key, value in r.items():
+            into[key] = value if key in ("rank", "host") else into.get(key, 0) + value
+    return [merged[k] for k in sorted(merged)]
+
+
+def describe_world(rt: runtime.Runtime, shard_size: int, weights_sha: str, shard_sha: str) -> dict:
+    me = {"rank": rt.rank, "host": rt.host, "local_rank": rt.local_rank, "pid": os.getpid(),
+          "threads": rt.threads, "cpu_affinity": sorted(os.sched_getaffinity(0)),
+          "shard_size": shard_size, "epoch1_shard_sha256": shard_sha, "initial_weights_sha256": weights_sha}
+    ranks = sorted(rt.hvd_tf.allgather_object(me), key=lambda r: r["rank"])
+    hosts: dict[str, list[int]] = {}
+    for r in ranks:
+        hosts.setdefault(r["host"], []).append(r["rank"])
+    return {"size": rt.size, "hosts": hosts, "ranks": ranks}
+
+
+def weights_digest(model: tf.keras.Model) -> str:
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def epoch_line(e: dict, epochs: int) -> str:
+    return (f"epoch {e['epoch']}/{epochs}  loss {e['train_loss']:.4f}  acc {e['train_accuracy']:.4f}  "
+            f"val_loss {e['val_loss']:.4f}  val_acc {e['val_accuracy']:.4f}  lr {e['lr']:.2e}  "
+            f"{e['training_s']:.1f} s  {e['images_per_s']:.0f} img/s")

@@ -1,0 +1,157 @@
+"""Horovod initialisation, threads per rank, the agreed precision, and what was really in effect.
+
+Imported after `environment.prepare` (TensorFlow loads here, and reads its variables as it loads).
+ITEX, when used, is loaded into TensorFlow before Horovod's library: loading it after aborts. The
+only module that imports Horovod.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from .. import cpu
+from ..errors import SetupError
+from .environment import itex_dir, launcher_local_size, prepare, slurm_cpus_per_task, threads_for_rank
+
+
+@dataclass
+class Runtime:
+    """What a training process needs from its start: Horovod handles and the facts in effect."""
+    hvd: Any
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    host: str
+    threads: int
+    hvd_tf: Any = None   # horovod.tensorflow, for object gathers and variable broadcasts
+    environment: dict = field(default_factory=dict)
+
+
+def start(cfg: Any) -> Runtime:
+    """Load ITEX, init Horovod, size the thread pools, agree on the precision. Canonical order."""
+    prepare(cfg)                                   # a no-op when the command line already ran it
+    node = cpu.node_facts()
+    itex = load_itex(cfg.intel.itex, node)         # before Horovod's library: loading it after aborts
+    import horovod.tensorflow as hvd_tf
+    import horovod.tensorflow.keras as hvd
+
+    hvd.init()
+    threads = int(os.environ["FMNIST_THREADS"])
+    if cfg.intel.intra_op_threads == 0 and hvd.local_size() != launcher_local_size():
+        threads = threads_for_rank(0, len(os.sched_getaffinity(0)), os.cpu_count() or 1, hvd.local_size(),
+                                   slurm_cpus_per_task())
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(cfg.intel.inter_op_threads)
+    # Every rank's CPU, gathered: the least capable node decides, so ranks never mix numerics, and
+    # an impossible bf16 request fails on every rank here, before the first op could abort.
+    nodes = hvd_tf.allgather_object(node)
+    precision = set_precision(cfg.intel.mixed_precision, nodes, itex)
+    rt = Runtime(hvd=hvd, rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
+                 local_size=hvd.local_size(), host=socket.gethostname(), threads=threads,
+                 hvd_tf=hvd_tf)
+    rt.environment = detect_environment(hvd, threads, itex, precision, nodes)
+    return rt
+
+
+def load_itex(requested: str, node: dict) -> dict:
+    """Load ITEX's CPU plugin into TensorFlow (before any op runs) when requested and present;
+    intel.itex=auto loads it only on a node with native bf16 (cpu.itex_pays says why)."""
+    forced = itex_in_site_packages()
+    if forced:
+        if requested == "off":
+            raise SetupError(f"intel.itex=off, but ITEX is installed where TensorFlow always loads it "
+                               f"({forced}); reinstall it with scripts/setup.sh (into {itex_dir()})")
+        return _itex_imported(requested)
+    if requested == "off":
+        return {"loaded": False, "version": None, "reason": "disabled by intel.itex=off"}
+    if requested == "auto" and not cpu.itex_pays(node):
+        return {"loaded": False, "version": None, "reason": f"intel.itex=auto: not used on {node['isa']} ({cpu.ITEX_AUTO_WHY})"}
+    plugins = os.path.join(itex_dir(), "tensorflow-plugins")
+    if not os.path.isdir(plugins):
+        if requested == "on":
+            raise SetupError(f"intel.itex=on, but ITEX is not installed in {itex_dir()} "
+                               f"(run scripts/setup.sh, or set FMNIST_ITEX_DIR)")
+        return {"loaded": False, "version": None, "reason": f"not installed in {itex_dir()}"}
+    from tensorflow.python.framework import load_library
+
+    sys.path.insert(0, itex_dir())
+    load_library.load_library(plugins)
+    load_library.load_pluggable_device_library(plugins)
+    return _itex_imported(requested)
+
+
+def itex_in_site_packages() -> str | None:
+    """A tensorflow-plugins/libitex_cpu.so that TensorFlow would load at import, whatever we say."""
+    import site
+
+    for directory in site.getsitepackages() + [site.getusersitepackages()]:
+        path = os.path.join(directory, "tensorflow-plugins", "libitex_cpu.so")
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _itex_imported(requested: str) -> dict:
+    try:
+        import intel_extension_for_tensorflow as itex
+    except Exception as e:  # ImportError, or the plugin failing to register with this TF
+        if requested == "on":
+            raise SetupError(f"intel.itex=on but Intel Extension for TensorFlow did not load: {e}") from e
+        return {"loaded": False, "version": None, "reason": f"not loaded: {e}"}
+    return {"loaded": True, "version": getattr(itex, "__version__", "unknown"), "reason": ""}
+
+
+def set_precision(requested: str, nodes: list[dict], itex: dict) -> dict:
+    """Resolve intel.mixed_precision against every rank's node and apply it (Keras policy; ITEX's
+    auto mixed precision was switched on at load time by configure_environment)."""
+    precision = cpu.resolve_precision(requested, nodes)
+    if precision["chosen"] == "itex_bf16" and not itex["loaded"]:
+        raise SetupError(f"intel.mixed_precision=itex_bf16 needs ITEX, which is not loaded ({itex['reason']})")
+    if precision["chosen"] == "keras_bf16":
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    return precision
+
+
+def detect_environment(hvd: Any, threads: int, itex: dict, precision: dict, nodes: list[dict]) -> dict:
+    """Facts detected at run time (not what was asked for)."""
+    import horovod  # the package itself, for its version
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "horovod": horovod.__version__,
+        "horovod_controller": "mpi" if hvd.mpi_enabled() and hvd.mpi_built() else "gloo",
+        "itex": itex,
+        "onednn_enabled": onednn_enabled(),
+        "mixed_precision_policy": tf.keras.mixed_precision.global_policy().name,
+        "itex_auto_mixed_precision": os.environ.get("ITEX_AUTO_MIXED_PRECISION") == "1" and itex["loaded"],
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "kmp_affinity": os.environ.get("KMP_AFFINITY"),
+        "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
+        "bound_by": os.environ.get("FMNIST_BOUND_BY") or (
+            "launcher or scheduler" if len(os.sched_getaffinity(0)) < (os.cpu_count() or 1) else "none"),
+        "cpu_model": cpu.cpu_model(),
+        "cpu_flags": cpu.cpu_flags(),
+        "precision": precision,
+        "nodes": nodes,
+        "node_cores": os.cpu_count(),
+        "affinity_cores": sorted(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+
+
+def onednn_enabled() -> bool:
+    """TF 2.15 on x86 enables oneDNN unless TF_ENABLE_ONEDNN_OPTS is 0/false."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
