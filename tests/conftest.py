@@ -25,7 +25,7 @@ PYTHON = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.exe
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Short training: the lean recipe, whose short warm-up and cosine decay end a 100-step run settled
 # (the default recipe's one-epoch warm-up leaves such a run at its peak learning rate).
-SHORT_CONFIG = "configs/fast.yaml"
+SHORT_CONFIG = "configs/lean.yaml"
 SHORT_EXTRA = "train.epochs=1 train.steps_per_epoch=100"
 # Open MPI as root refuses to start without these (set only for tests; the job scripts set them
 # themselves only when running as root).

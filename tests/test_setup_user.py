@@ -81,7 +81,7 @@ def test_setup_names_what_is_missing_without_installing_anything(user_project, t
 @pytest.mark.slow
 def test_setup_and_two_rank_training_as_a_cluster_user(user_project):
     """The whole set-up (venv, pip, ITEX, Horovod built from source) and a short 2-rank training."""
-    train = (".venv/bin/horovodrun --gloo -np 2 .venv/bin/python -m fmnist_dist train --config configs/fast.yaml "
+    train = (".venv/bin/horovodrun --gloo -np 2 .venv/bin/python -m fmnist_dist train --config configs/lean.yaml "
              "--set train.epochs=1 --set train.steps_per_epoch=30 --run-dir runs/user")
     proc = as_user(user_project, f"bash scripts/setup.sh run && {train}")
     out = proc.stdout + proc.stderr
