@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -126,6 +127,20 @@ def last_line(text: str) -> str:
 
 # Modules whose every test starts real processes; elsewhere a test is slow when it is marked, or
 # when it needs the shared real runs.
+# Fault tests pick random interruption points; FMNIST_FAULT_SEED=N repeats a choice.
+FAULT_SEED = int(os.environ.get("FMNIST_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
+
+
+def record(fault: str, **facts) -> None:
+    """One line per handled fault in $FMNIST_FAULT_LOG (JSON lines), for the table in README.md ("Faults and preemption").
+    Reached only when every check of the test passed."""
+    print(f"{fault}: {facts}")
+    if os.environ.get("FMNIST_FAULT_LOG"):
+        with open(os.environ["FMNIST_FAULT_LOG"], "a") as f:
+            f.write(json.dumps({"fault": fault, "seed": FAULT_SEED, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                **facts}) + "\n")
+
+
 SLOW_MODULES = {"test_train", "test_faults", "test_jobs", "test_preflight", "test_setup_user"}
 
 

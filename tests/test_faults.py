@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, ROOT_MPI_ENV, SHORT_CONFIG, VENV, last_line, need, run_env, short_host, unavailable, wait_for)
+from conftest import (FAULT_SEED, ROOT, ROOT_MPI_ENV, record, SHORT_CONFIG, VENV, last_line, need, run_env, short_host, unavailable, wait_for)
 from pbs import pbs_job_env, unique_job_id, write_nodefile
 from slurm import slurm_cluster
 from fmnist_dist import data
@@ -44,18 +44,7 @@ RUN_TIMEOUT = 900                 # one short run on a busy 2-core machine, gene
 FAIL_TIMEOUT = 300                # a run that must fail at start-up
 KILL_DEADLINE = 60                # the issue's bar: a job with a dead rank ends within 60 s
 LOOPBACK_MPI = {"OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
-FAULT_SEED = int(os.environ.get("FMNIST_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
 CKPT_RE = re.compile(r"examples-(\d+)$")
-
-
-def record(fault: str, **facts) -> None:
-    """One line per handled fault in $FMNIST_FAULT_LOG (JSON lines), for the table in README.md ("Faults and preemption").
-    Reached only when every check of the test passed."""
-    print(f"{fault}: {facts}")
-    if os.environ.get("FMNIST_FAULT_LOG"):
-        with open(os.environ["FMNIST_FAULT_LOG"], "a") as f:
-            f.write(json.dumps({"fault": fault, "seed": FAULT_SEED, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                **facts}) + "\n")
 
 
 def sets(items) -> list[str]:
