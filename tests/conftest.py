@@ -125,8 +125,6 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-# Modules whose every test starts real processes; elsewhere a test is slow when it is marked, or
-# when it needs the shared real runs.
 # Fault tests pick random interruption points; FMNIST_FAULT_SEED=N repeats a choice.
 FAULT_SEED = int(os.environ.get("FMNIST_FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
 
@@ -141,7 +139,10 @@ def record(fault: str, **facts) -> None:
                                 **facts}) + "\n")
 
 
-SLOW_MODULES = {"test_train", "test_faults", "test_jobs", "test_preflight", "test_setup_user"}
+# Modules whose every test starts real processes; elsewhere a test is slow when it is marked, or
+# when it needs the shared real runs.
+SLOW_MODULES = {"test_train", "test_faults", "test_jobs", "test_preflight", "test_setup_user",
+                "test_faults_input", "test_checkpoints", "test_resume", "test_stall"}
 
 
 def pytest_collection_modifyitems(config, items):
