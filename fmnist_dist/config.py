@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import errno
+import math
+import os
+import stat
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -51,6 +55,8 @@ DEFAULT_LAYERS = [
     {"type": "dense", "units": 256}, {"type": "relu"}, {"type": "dropout", "rate": 0.25},
 ]
 DEFAULT_CONFIG = "configs/default.yaml"
+# What model.layers receives: one 28x28 grey image (training/model.py's IMAGE_SHAPE, which loads TensorFlow).
+IMAGE_SHAPE = (28, 28, 1)
 
 SCHEMA: dict[str, Field] = {
     "data.dir": Field(None, str, "directory holding the four IDX files (.gz or raw)", nullable=True),
@@ -83,12 +89,19 @@ SCHEMA: dict[str, Field] = {
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),
     "train.target_accuracy": Field(None, float, "stop once validation accuracy reaches this",
                                    min=0.0, max=1.0, nullable=True),
-    "train.seed": Field(42, int, "seed for weights, split and shuffling", min=0),
+    # 2**32 - 1: the largest seed numpy (so tf.keras.utils.set_random_seed) accepts.
+    "train.seed": Field(42, int, "seed for weights, split and shuffling", min=0, max=2**32 - 1),
+    "train.deterministic": Field(False, bool, "TensorFlow's op determinism (an error for an op without a "
+                                 "deterministic kernel); with intel.mixed_precision=fp32 and one thread per rank, "
+                                 "a run interrupted and resumed ends with the weights of an uninterrupted one, bit "
+                                 "for bit (results.weights_sha256)"),
     "train.time_limit": Field(None, float, "seconds after the process started at which training stops "
                               "cleanly (checkpoint, partial report, exit 75); set it below the walltime",
                               min=1.0, nullable=True),
     "train.stop_check_steps": Field(10, int, "every N steps the ranks agree whether to stop (signal, time "
                                     "limit); a small allreduce", min=1),
+    "train.stall_timeout": Field(120.0, float, "seconds without progress after which a job whose rank stopped "
+                                 "responding ends, naming that rank (exit 124); 0 = never", min=0.0),
     "checkpoint.every_steps": Field(0, int, "also checkpoint every N steps inside an epoch; 0 = at epoch ends",
                                     min=0),
     "checkpoint.keep": Field(3, int, "checkpoints kept in RUN_DIR/checkpoints", min=1),
@@ -152,19 +165,85 @@ def dump(cfg: dict) -> str:
 
 
 def _read_yaml(path: str) -> dict:
+    loader = _UniqueKeyLoader(_read_text(path), path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, intel, checkpoint, report), "
                           f"got {type(data).__name__}")
     return data
+
+
+def _read_text(path: str) -> str:
+    """The config file's text; ConfigError naming the path if it is not a readable UTF-8 file."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a directory; expected a YAML config file")
+        if not stat.S_ISREG(mode):  # a FIFO would block every rank forever; each rank opens the path
+            raise ConfigError(f"{path}: not a regular file ({_file_kind(mode)}); expected a YAML config file")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"{path}: config file not found (a symlink to {os.readlink(path)}, "
+                              "which does not exist)") from None
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        hint = " (a part of the path before the file name is a file)" if e.errno == errno.ENOTDIR else ""
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}{hint}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} (line {line}); "
+                          "save the config as UTF-8") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML keeps the last one silently). Keys are
+    compared by dotted path over the whole file, so `train: {epochs: 3}` and a top-level
+    `train.epochs: 5` collide too."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source = source
+
+    def construct_document(self, node):
+        self._check_keys(node, "", {}, set())
+        return super().construct_document(node)
+
+    def _check_keys(self, node, prefix: str, seen: dict[str, int], active: set[int]) -> None:
+        if id(node) in active:  # a recursive alias
+            return
+        active.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, f"{prefix}[{i}]", seen, active)
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # merged keys (<<) may be overridden; complex keys fail when constructed
+                key = f"{prefix}.{self.construct_object(key_node)}" if prefix else str(self.construct_object(key_node))
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    where = f"given twice on line {line}" if seen[key] == line else f"on lines {seen[key]} and {line}"
+                    raise ConfigError(f"{self.source}: {key}: duplicate key {where}; give each key once")
+                seen[key] = line
+                self._check_keys(value_node, key, seen, active)
+        active.discard(id(node))
 
 
 def _flatten(tree: dict, source: str, prefix: str = "") -> dict[str, Any]:
@@ -218,6 +297,8 @@ def _check(field: Field, key: str, value: Any, source: str) -> Any:
         value = _yaml11_float(value)  # PyYAML reads 1e-3 (no dot) as a string
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise fail(_describe(field))
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every range comparison
+        raise fail(_describe(field).replace("a number", "a finite number", 1))
     if field.choices and value not in field.choices:
         raise fail(_describe(field))
     if field.min is not None and value < field.min or field.max is not None and value > field.max:
@@ -278,16 +359,64 @@ def _check_layers(layers: list, source: str) -> list:
             out[name] = value
         _check_layer_ranges(out, where)
         checked.append(out)
+    _check_layer_shapes(checked, source)
     return checked
 
 
 def _check_layer_ranges(layer: dict, where: str) -> None:
-    rules = {"filters": (1, 4096), "kernel": (1, 28), "size": (1, 28), "units": (1, 65536), "rate": (0.0, 0.95)}
+    rules = {"filters": (1, 4096), "kernel": (1, 28), "size": (1, 28), "units": (1, 65536), "rate": (0.0, 0.95),
+             "momentum": (0.0, 1.0)}
     for name, (lo, hi) in rules.items():
         if name in layer and not lo <= layer[name] <= hi:
             raise ConfigError(f"{where}.{name}: got {layer[name]!r}; expected a value in [{lo}, {hi}]")
     if layer.get("padding", "same") not in ("same", "valid"):
         raise ConfigError(f"{where}.padding: got {layer['padding']!r}; expected same or valid")
+
+
+def _check_layer_shapes(layers: list[dict], source: str) -> None:
+    """Follow one image through the layers as training/model.py builds them (Conv2D with stride 1,
+    MaxPooling2D with stride = size and valid padding), so a stack Keras cannot build fails here,
+    in pure Python, before Horovod and TensorFlow start."""
+    shape, trail = IMAGE_SHAPE, [_fmt_shape(IMAGE_SHAPE)]
+    for i, layer in enumerate(layers):
+        out, problem = _layer_output(layer, shape)
+        if problem:
+            params = " ".join(f"{k}={v}" for k, v in layer.items() if k != "type")
+            raise ConfigError(f"{source}: model.layers[{i}] ({layer['type']}{' ' + params if params else ''}): "
+                              f"input {_fmt_shape(shape)}: {problem}; shapes before it: {' -> '.join(trail)}")
+        if out != shape:
+            trail.append(_fmt_shape(out))
+        shape = out
+
+
+def _layer_output(layer: dict, shape: tuple[int, ...]) -> tuple[tuple[int, ...], str | None]:
+    """(output shape, None), or (shape, why the layer cannot take this input)."""
+    kind = layer["type"]
+    if kind == "flatten":
+        return (math.prod(shape),), None
+    if kind == "dense":  # Keras' Dense acts on the last axis of a feature map too
+        return shape[:-1] + (layer["units"],), None
+    if kind not in ("conv", "maxpool"):
+        return shape, None
+    if len(shape) == 1:
+        return shape, f"a {kind} needs a 2-D feature map, but a flatten comes before it (move the flatten after it)"
+    height, width, channels = shape
+    if kind == "conv":
+        k = layer["kernel"]
+        shrink = k - 1 if layer["padding"] == "valid" else 0
+        out, need = (height - shrink, width - shrink, layer["filters"]), f"a {k}x{k} kernel with padding valid"
+        remedy = "use a smaller kernel, padding same, or less pooling before it"
+    else:
+        k = layer["size"]
+        out, need = (height // k, width // k, channels), f"pooling {k}x{k}"
+        remedy = "use a smaller size or fewer pooling layers"
+    if min(out[:2]) < 1:
+        return shape, f"the output would be {_fmt_shape(out)} ({need} needs at least {k}x{k}); {remedy}"
+    return out, None
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _unknown_key_message(source: str, key: str) -> str:

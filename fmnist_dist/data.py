@@ -48,6 +48,10 @@ SHA256 = {
     "test_images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "test_labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
+# Sizes of the upstream .gz files (Debian's recompressed ones are 24 bytes smaller). A download
+# stops past twice the largest: no Fashion-MNIST file can be that big, whatever its compression.
+ORIGINAL_GZ_SIZES = {"train_images": 26421880, "train_labels": 29515, "test_images": 4422102, "test_labels": 5148}
+DOWNLOAD_LIMIT = 2 * max(ORIGINAL_GZ_SIZES.values())
 NUM_CLASSES = 10
 _CHUNK = 1 << 20
 
@@ -115,19 +119,9 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, cach
                        url: str = DEFAULT_URL, progress: bool = True) -> FashionMNIST:
     """Load and verify Fashion-MNIST from the first directory that has it (see candidate_dirs),
     downloading into cache_dir only when download is true and no local copy exists."""
-    searched = []
-    for label, directory in candidate_dirs(data_dir):
-        found = _find_files(directory, label)
-        if found:
-            return _load_verified(found, source=directory)
-        searched.append(f"{directory} ({label}): {_not_found_reason(directory)}")
-    if data_dir:
-        raise DataError(f"Fashion-MNIST not found in {data_dir} (data.dir / --data-dir): "
-                        f"{_not_found_reason(data_dir)}. Expected {_expected_names()}. "
-                        "Only this directory is searched when data.dir is set; unset it to search "
-                        f"${ENV_VAR}, {DEBIAN_DIR} and the Keras cache.")
-    if not os.environ.get(ENV_VAR):
-        searched.insert(0, f"${ENV_VAR} (not set)")
+    found, directory, searched = _search(data_dir)
+    if found:
+        return _load_verified(found, source=directory)
     cache_dir = cache_dir or default_cache_dir()
     if download:
         try:
@@ -137,6 +131,72 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, cach
             raise DataError(f"{e}\n{_not_found_message(searched, url, download_tried=True)}") from e
     searched.append(f"download into {cache_dir}: not tried (data.download is false)")
     raise DataError(_not_found_message(searched, url))
+
+
+def check_quickly(data_dir: str | None = None, download: bool = False, cache_dir: str | None = None,
+                  url: str = DEFAULT_URL) -> str | None:
+    """What load_fashion_mnist will find, checked in milliseconds without reading it all: the files
+    are there, each raw file has the expected size and IDX header, each .gz file's IDX header and
+    gzip trailer (the decompressed size) are right. A file failing a cheap test is read in full,
+    so the DataError is load_fashion_mnist's own. Returns the directory checked, or None when the
+    files are still to be downloaded. A file of the right size with wrong bytes passes here (the
+    full SHA-256 check of load_fashion_mnist finds it)."""
+    found, directory, searched = _search(data_dir)
+    if not found:
+        cache_dir = cache_dir or default_cache_dir()
+        if not download:
+            searched.append(f"download into {cache_dir}: not tried (data.download is false)")
+            raise DataError(_not_found_message(searched, url))
+        found, directory = _cached_downloads(cache_dir), cache_dir
+        if len(found) < len(FILES):
+            return None
+    for key, path in found.items():
+        if not _looks_right(path, SHAPES[key]):
+            read_idx(path, SHAPES[key], SHA256[key])
+    return directory
+
+
+def _looks_right(path: str, shape: tuple[int, ...]) -> bool:
+    """The cheap tests of check_quickly: size (raw) or gzip trailer (.gz), and the IDX header."""
+    expected_size = _header_size(shape) + math.prod(shape)
+    try:
+        with open(path, "rb") as f:
+            if not path.endswith(".gz"):
+                if os.fstat(f.fileno()).st_size != expected_size:
+                    return False
+                header = f.read(_header_size(shape))
+            else:
+                # ISIZE, the last 4 bytes: the decompressed size mod 2**32 (of the last member only, so a
+                # valid multi-member file fails this and is read in full).
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4))
+                if int.from_bytes(f.read(4), "little") != expected_size % 2**32:
+                    return False
+                f.seek(0)
+                with gzip.open(f) as stream:
+                    header = stream.read(_header_size(shape))
+        _check_header(path, bytearray(header), shape)
+    except (OSError, EOFError, zlib.error, DataError):
+        return False
+    return True
+
+
+def _search(data_dir: str | None) -> tuple[dict[str, str] | None, str | None, list[str]]:
+    """(paths of the four files, their directory, the places searched before it); (None, None,
+    searched) when no place has them; DataError when data_dir is given and lacks them."""
+    searched = []
+    for label, directory in candidate_dirs(data_dir):
+        found = _find_files(directory, label)
+        if found:
+            return found, directory, searched
+        searched.append(f"{directory} ({label}): {_not_found_reason(directory)}")
+    if data_dir:
+        raise DataError(f"Fashion-MNIST not found in {data_dir} (data.dir / --data-dir): "
+                        f"{_not_found_reason(data_dir)}. Expected {_expected_names()}. "
+                        "Only this directory is searched when data.dir is set; unset it to search "
+                        f"${ENV_VAR}, {DEBIAN_DIR} and the Keras cache.")
+    if not os.environ.get(ENV_VAR):
+        searched.insert(0, f"${ENV_VAR} (not set)")
+    return None, None, searched
 
 
 def _load_or_download(cache_dir: str, url: str, progress: bool) -> FashionMNIST:
@@ -191,9 +251,12 @@ def read_idx(path: str, expected_shape: tuple[int, ...], expected_sha256: str | 
     expected_shape = tuple(expected_shape)
     expected_size = _header_size(expected_shape) + math.prod(expected_shape)
     compressed = path.endswith(".gz")
-    payload = _read_gzip(path, expected_size) if compressed else _read_raw(path)
+    payload = _read_gzip(path, expected_size) if compressed else _read_raw(path, expected_shape)
     what = "decompressed " if compressed else ""
     _check_header(path, payload, expected_shape)
+    if len(payload) > expected_size:  # _read_gzip stopped one byte past the expected size
+        raise DataError(f"{path}: decompresses to more than {expected_size} bytes, expected exactly {expected_size} "
+                        "(stopped there; the file is corrupt or not this Fashion-MNIST file)")
     if len(payload) != expected_size:
         raise DataError(f"{path}: {what}size is {len(payload)} bytes, expected {expected_size} "
                         f"(the file is truncated or corrupt)")
@@ -209,11 +272,17 @@ def _header_size(shape: tuple[int, ...]) -> int:
     return 4 + 4 * len(shape)
 
 
-def _read_raw(path: str) -> bytearray:
+def _read_raw(path: str, expected_shape: tuple[int, ...]) -> bytearray:
     # A bytearray (not bytes) so the arrays made over it with np.frombuffer are writable.
+    expected_size = _header_size(expected_shape) + math.prod(expected_shape)
     try:
         with open(path, "rb") as f:
-            payload = bytearray(os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size
+            if size > expected_size:  # refused unread (but its header, which may tell what it is)
+                _check_header(path, bytearray(f.read(_header_size(expected_shape))), expected_shape)
+                raise DataError(f"{path}: size is {size} bytes, expected {expected_size} "
+                                "(too large for this Fashion-MNIST file; not read)")
+            payload = bytearray(size)
             n = f.readinto(payload)
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from e
@@ -221,10 +290,12 @@ def _read_raw(path: str) -> bytearray:
 
 
 def _read_gzip(path: str, expected_size: int) -> bytearray:
+    """At most expected_size + 1 decompressed bytes (one more tells the file is too large): a
+    decompression bomb costs no more memory than the real file."""
     payload = bytearray()
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
+            while len(payload) <= expected_size and (chunk := f.read(min(_CHUNK, expected_size + 1 - len(payload)))):
                 payload += chunk
     except EOFError as e:
         raise DataError(f"{path}: gzip stream ends early after {len(payload)} decompressed bytes, "
@@ -292,17 +363,21 @@ def _download_one(file_url: str, key: str, dest_dir: str, progress: bool) -> Non
 
 
 def _fetch(file_url: str, dest_path: str, progress: bool) -> None:
+    """Stream file_url into dest_path, refusing more than DOWNLOAD_LIMIT bytes (announced or received)."""
     name = os.path.basename(dest_path)
     done, total, shown = 0, None, False
     try:
         with urllib.request.urlopen(file_url, timeout=60) as response, open(dest_path, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total = _content_length(response, file_url)
             shown = progress
             if progress:
                 _show_progress(name, done, total)
             while chunk := response.read(_CHUNK):
-                out.write(chunk)
                 done += len(chunk)
+                if done > DOWNLOAD_LIMIT:
+                    raise DataError(f"download of {file_url} failed: more than {DOWNLOAD_LIMIT} bytes received, "
+                                    "more than any Fashion-MNIST file; stopped")
+                out.write(chunk)
                 if progress:
                     _show_progress(name, done, total)
     except urllib.error.HTTPError as e:
@@ -317,6 +392,17 @@ def _fetch(file_url: str, dest_path: str, progress: bool) -> None:
             sys.stderr.flush()
     if total is not None and done != total:
         raise DataError(f"download of {file_url} failed: received {done} bytes, expected {total}")
+
+
+def _content_length(response, file_url: str) -> int | None:
+    try:
+        total = int(response.headers.get("Content-Length") or 0) or None
+    except ValueError:
+        total = None  # a malformed header: the bytes received are counted anyway
+    if total is not None and total > DOWNLOAD_LIMIT:
+        raise DataError(f"download of {file_url} failed: the server announces {total} bytes (Content-Length), "
+                        f"more than any Fashion-MNIST file (limit {DOWNLOAD_LIMIT}); not downloaded")
+    return total
 
 
 def _show_progress(name: str, done: int, total: int | None) -> None:
@@ -369,7 +455,10 @@ def epoch_shard(train_idx: np.ndarray, epoch: int, seed: int, rank: int, world_s
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
     remaining = epoch_order(train_idx, epoch, seed)[start:]
-    steps = steps_per_epoch(len(remaining), world_size, batch_size)
+    if start:       # resumed near the epoch's end, perhaps on more ranks: the rest may be no global batch
+        steps = len(remaining) // (world_size * batch_size)
+    else:
+        steps = steps_per_epoch(len(remaining), world_size, batch_size)
     if max_steps is not None:
         steps = min(steps, max_steps)
     batches = remaining[: steps * world_size * batch_size].reshape(steps, world_size, batch_size)

@@ -1,4 +1,6 @@
 """Config validation: every error class names the source, the dotted key, the value and what is expected."""
+import os
+
 import pytest
 
 from fmnist_dist import config
@@ -76,6 +78,9 @@ def test_override_errors(item, expected):
     ("[{type: conv, filters: 8, kernal: 3}]", "model.layers[0].kernal: unknown parameter for conv (did you mean kernel?)"),
     ("[{type: dense, units: '8'}]", "model.layers[0].units: got '8'; expected int"),
     ("[conv]", "model.layers[0]: got 'conv'; expected a mapping with a 'type'"),
+    ("[{type: dropout, rate: .nan}]", "model.layers[0].rate: got nan; expected a value in [0.0, 0.95]"),
+    ("[{type: batchnorm, momentum: .nan}]", "model.layers[0].momentum: got nan; expected a value in [0.0, 1.0]"),
+    ("[{type: batchnorm, momentum: .inf}]", "model.layers[0].momentum: got inf; expected a value in [0.0, 1.0]"),
 ])
 def test_layer_errors(tmp_path, layers, expected):
     with pytest.raises(config.ConfigError) as err:
@@ -95,3 +100,154 @@ def test_dump_roundtrip(tmp_path):
     cfg = config.load("configs/default.yaml", ["train.epochs=2"])
     path = write(tmp_path, config.dump(cfg))
     assert config.load(path) == cfg
+
+
+# ---------------------------------------------------------------- non-finite numbers, seed range
+
+FLOAT_KEYS = [key for key, field in config.SCHEMA.items() if field.kind is float]
+NON_FINITE = [("nan", "nan"), (".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("1e999", "inf"),
+              ("1.0e999", "inf"), ("-1e999", "-inf")]
+
+
+def test_float_keys_are_found():
+    assert {"train.lr", "train.momentum", "train.target_accuracy", "train.time_limit"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text, shown", NON_FINITE)
+def test_non_finite_floats_are_refused_from_set_and_file(tmp_path, key, text, shown):
+    """nan compares false with every bound, inf passes a lower one: both used to get through."""
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [f"{key}={text}"])
+    assert f"--set {key}={text}: {key}: got {shown} (float); expected a finite number" in str(err.value)
+    section, name = key.split(".")
+    path = write(tmp_path, f"{section}:\n  {name}: {text}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"{path}: {key}: got {shown} (float); expected a finite number")
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**40, -1])
+def test_seed_outside_32_bits_is_refused(seed):
+    """numpy (so tf.keras.utils.set_random_seed) takes 0..2**32-1; 2**32 failed after Horovod started."""
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [f"train.seed={seed}"])
+    assert str(err.value) == (f"--set train.seed={seed}: train.seed: got {seed} (int); "
+                              "expected an integer in [0, 4294967295]")
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_range_ends_are_accepted(seed):
+    assert config.load(None, [f"train.seed={seed}"])["train"]["seed"] == seed
+
+
+# ---------------------------------------------------------------- duplicate keys
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n", "train.epochs: duplicate key on lines 2 and 4"),
+    ("train:\n  epochs: 3\n  'epochs': 4\n", "train.epochs: duplicate key on lines 2 and 3"),
+    ("train:\n  epochs: 3\nintel:\n  itex: off\ntrain:\n  lr: 0.1\n", "train: duplicate key on lines 1 and 5"),
+    ("train:\n  epochs: 3\ntrain.epochs: 5\n", "train.epochs: duplicate key on lines 2 and 3"),
+    ("model:\n  layers:\n    - {type: relu}\n    - {type: conv, filters: 8, filters: 9}\n",
+     "model.layers[1].filters: duplicate key given twice on line 4"),
+])
+def test_duplicate_keys_name_file_key_and_lines(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == f"{path}: {expected}; give each key once"
+
+
+def test_merge_key_override_is_not_a_duplicate(tmp_path):
+    cfg = config.load(write(tmp_path, "train:\n  <<: {epochs: 3, lr: 0.5}\n  epochs: 4\n"))
+    assert cfg["train"]["epochs"] == 4 and cfg["train"]["lr"] == 0.5
+
+
+def test_recursive_alias_is_an_error_not_a_hang(tmp_path):
+    path = write(tmp_path, "a: &x [*x]\n")
+    with pytest.raises(config.ConfigError, match=r"c\.yaml: a: unknown key"):
+        config.load(path)
+
+
+# ---------------------------------------------------------------- config files that cannot be read
+
+def test_config_path_is_a_directory(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(tmp_path))
+    assert str(err.value) == f"{tmp_path}: is a directory; expected a YAML config file"
+
+
+@pytest.mark.parametrize("raw, offset, line", [
+    ("train:\n  epochs: 3\n".encode("utf-16"), 0, 1),                    # a UTF-16 file with its BOM
+    (b"train:\n  # caf\xe9 (Latin-1)\n  epochs: 3\n", 14, 2),
+])
+def test_config_not_utf8(tmp_path, raw, offset, line):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path))
+    assert str(err.value) == (f"{path}: not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
+                              f"(line {line}); save the config as UTF-8")
+
+
+def test_config_utf8_with_bom_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufefftrain:\n  epochs: 3\n".encode("utf-8"))
+    assert config.load(str(path))["train"]["epochs"] == 3
+
+
+def test_config_unreadable(tmp_path):
+    """Unreadable in ways that hold for root too (tests run as root; chmod 000 does not stop root):
+    a path through a file, a symlink loop, a dangling symlink, and a FIFO (which would block every
+    rank forever in open())."""
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "gone.yaml")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    expected = {
+        "file/c.yaml": "cannot read the config file: Not a directory "
+                       "(a part of the path before the file name is a file)",
+        "loop.yaml": "cannot read the config file: Too many levels of symbolic links",
+        "dangling.yaml": f"config file not found (a symlink to {tmp_path / 'gone.yaml'}, which does not exist)",
+        "fifo.yaml": "not a regular file (a FIFO); expected a YAML config file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(config.ConfigError) as err:
+            config.load(str(tmp_path / name))
+        assert str(err.value) == f"{tmp_path / name}: {message}"
+
+
+# ---------------------------------------------------------------- layer shapes
+
+@pytest.mark.parametrize("layers, expected", [
+    ("[" + ", ".join(["{type: maxpool, size: 2}"] * 5) + "]",
+     "model.layers[4] (maxpool size=2): input 1x1x1: the output would be 0x0x1 (pooling 2x2 needs at least 2x2); "
+     "use a smaller size or fewer pooling layers; shapes before it: 28x28x1 -> 14x14x1 -> 7x7x1 -> 3x3x1 -> 1x1x1"),
+    ("[{type: conv, filters: 8, kernel: 5, padding: valid}, {type: maxpool, size: 4}, "
+     "{type: conv, filters: 4, kernel: 7, padding: valid}]",
+     "model.layers[2] (conv filters=4 kernel=7 padding=valid): input 6x6x8: the output would be 0x0x4 (a 7x7 "
+     "kernel with padding valid needs at least 7x7); use a smaller kernel, padding same, or less pooling before "
+     "it; shapes before it: 28x28x1 -> 24x24x8 -> 6x6x8"),
+    ("[{type: flatten}, {type: relu}, {type: conv, filters: 3}]",
+     "model.layers[2] (conv filters=3 kernel=3 padding=same): input 784: a conv needs a 2-D feature map, but a "
+     "flatten comes before it (move the flatten after it); shapes before it: 28x28x1 -> 784"),
+    ("[{type: conv, filters: 2}, {type: dense, units: 5}, {type: flatten}, {type: maxpool}]",
+     "model.layers[3] (maxpool size=2): input 3920: a maxpool needs a 2-D feature map, but a flatten comes "
+     "before it (move the flatten after it); shapes before it: 28x28x1 -> 28x28x2 -> 28x28x5 -> 3920"),
+])
+def test_layer_stacks_that_cannot_build(tmp_path, layers, expected):
+    path = write(tmp_path, f"model:\n  layers: {layers}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize("layers", [
+    "[{type: conv, filters: 4, kernel: 28, padding: valid}]",              # exactly 1x1
+    "[{type: maxpool, size: 27}]",                                         # 28 // 27 = 1
+    "[{type: conv, filters: 4}, {type: dense, units: 8}]",                 # Dense on the last axis, flatten added
+    "[{type: dense, units: 8}, {type: flatten}, {type: batchnorm}, {type: flatten}, {type: dense, units: 4}]",
+])
+def test_layer_stacks_keras_builds_are_accepted(layers):
+    """Each of these built and trained one step in Keras 2.15 (checked when this test was written)."""
+    config.load(None, [f"model.layers={layers}"])

@@ -8,11 +8,15 @@ import http.server
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
+import zlib
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from fmnist_dist import data
 
 REAL_DIR = data.DEBIAN_DIR  # captured before any test points data.DEBIAN_DIR elsewhere
@@ -137,8 +141,8 @@ def test_read_idx_trailing_bytes(tmp_path):
     path = write(tmp_path / "img.gz", idx_bytes(small_images()) + b"extra", gz=True)
     with pytest.raises(data.DataError) as e:
         data.read_idx(path, (3, 4, 5), None)
-    assert str(e.value) == (f"{path}: decompressed size is 81 bytes, expected 76 "
-                            "(the file is truncated or corrupt)")
+    assert str(e.value) == (f"{path}: decompresses to more than 76 bytes, expected exactly 76 "
+                            "(stopped there; the file is corrupt or not this Fashion-MNIST file)")
 
 
 def test_read_idx_truncated_gzip(tmp_path):
@@ -173,6 +177,136 @@ def test_read_idx_wrong_checksum(tmp_path, gz):
 def test_read_idx_missing_file(tmp_path):
     with pytest.raises(data.DataError, match=r"nope: cannot read: .*No such file"):
         data.read_idx(str(tmp_path / "nope"), (3,), None)
+
+
+# ---------------------------------------------------------------- size limits
+
+def test_raw_file_larger_than_expected_is_refused_unread(tmp_path):
+    """A 100 GB (sparse) file with a valid header: refused from its size, in no time, without reading it."""
+    path = write(tmp_path / "img", idx_bytes(small_images()))
+    os.truncate(path, 100 * 10**9)
+    with pytest.raises(data.DataError) as e:
+        data.read_idx(path, (3, 4, 5), None)
+    assert str(e.value) == (f"{path}: size is 100000000000 bytes, expected 76 "
+                            "(too large for this Fashion-MNIST file; not read)")
+
+
+def gzip_bomb(path, megabytes: int = 400) -> str:
+    """A valid train-images header followed by `megabytes` MB of zeros, as one gzip member (~1000:1)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with open(path, "wb") as out:
+        out.write(packer.compress(struct.pack(">4I", 0x0803, 60000, 28, 28)))
+        zeros = bytes(1 << 20)
+        for _ in range(megabytes):
+            out.write(packer.compress(zeros))
+        out.write(packer.flush())
+    return str(path)
+
+
+# VmHWM, not getrusage's ru_maxrss: that one keeps the high-water mark of the forked parent (pytest,
+# with TensorFlow loaded by earlier tests) across exec.
+PEAK_RSS = """import sys
+from fmnist_dist import data
+try:
+    data.read_idx(sys.argv[1], data.SHAPES["train_images"], None)
+except data.DataError as e:
+    print(e)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
+"""
+
+
+def read_in_fresh_process(path: str) -> tuple[str, int]:
+    """(what read_idx says, the process's peak RSS in bytes) of reading path as train images."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, path], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    *message, peak = proc.stdout.splitlines()
+    return "\n".join(message), int(peak)
+
+
+def test_gzip_bomb_stops_at_the_expected_size(tmp_path):
+    """400 MB of zeros in a 0.4 MB .gz: decompression stops one byte past the 47 MB of the real
+    file, and the process peaks no higher than reading the real file does."""
+    require_real_data()
+    bomb = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz")
+    assert os.path.getsize(bomb) < 1 << 20
+    expected = 16 + 60000 * 28 * 28
+    message, bomb_peak = read_in_fresh_process(bomb)
+    assert message == (f"{bomb}: decompresses to more than {expected} bytes, expected exactly {expected} "
+                       "(stopped there; the file is corrupt or not this Fashion-MNIST file)")
+    _, real_peak = read_in_fresh_process(os.path.join(REAL_DIR, "train-images-idx3-ubyte.gz"))
+    print(f"peak RSS: gzip bomb {bomb_peak / 2**20:.0f} MiB, real file {real_peak / 2**20:.0f} MiB")
+    assert bomb_peak < real_peak + 16 * 2**20, (bomb_peak, real_peak)
+    assert bomb_peak < 200 * 2**20  # the bomb decompresses to 400 MiB
+
+
+# ---------------------------------------------------------------- the quick check before Horovod
+
+def test_check_quickly_passes_the_real_data(real, isolated):
+    assert data.check_quickly(REAL_DIR) == REAL_DIR
+    raw_dir = isolated / "raw"
+    raw_dir.mkdir()
+    for key, name in data.FILES.items():
+        (raw_dir / name).write_bytes(idx_bytes(getattr(real, {"train_images": "x_train", "train_labels": "y_train",
+                                                              "test_images": "x_test", "test_labels": "y_test"}[key])))
+    assert data.check_quickly(str(raw_dir)) == str(raw_dir)
+
+
+def test_check_quickly_gives_the_full_checks_error(isolated):
+    """A truncated .gz (its gzip trailer is wrong), a raw file cut short, one too large: the error
+    is read_idx's own, as the full load would give it."""
+    require_real_data()
+    directory = link_real_files(isolated / "d", GZ_NAMES[1:])
+    gz = os.path.join(directory, GZ_NAMES[0])
+    with open(os.path.join(REAL_DIR, GZ_NAMES[0]), "rb") as f:
+        write(gz, f.read()[:10_000_000])
+    with pytest.raises(data.DataError, match=rf"^{gz}: gzip stream ends early after \d+ decompressed bytes, "
+                                             r"expected 47040016 \(the file is truncated\)$"):
+        data.check_quickly(directory)
+    os.remove(gz)
+    raw = os.path.join(directory, "train-images-idx3-ubyte")
+    write(raw, idx_bytes(np.zeros((60000, 28, 28)))[:5000])
+    with pytest.raises(data.DataError, match=rf"^{raw}: size is 5000 bytes, expected 47040016 "):
+        data.check_quickly(directory)
+    os.truncate(raw, 10**12)                                   # sparse: 1 TB, valid header
+    with pytest.raises(data.DataError, match=rf"^{raw}: size is 1000000000000 bytes, expected 47040016 "
+                                             r"\(too large for this Fashion-MNIST file; not read\)$"):
+        data.check_quickly(directory)
+
+
+def test_check_quickly_reads_a_valid_multi_member_gzip_in_full(isolated):
+    """A valid .gz of two members carries the last member's size in its trailer: the cheap test
+    fails, the full read passes it."""
+    require_real_data()
+    directory = link_real_files(isolated / "d", [n for n in GZ_NAMES if not n.startswith("t10k-labels")])
+    with gzip.open(os.path.join(REAL_DIR, "t10k-labels-idx1-ubyte.gz")) as f:
+        labels = f.read()
+    write(os.path.join(directory, "t10k-labels-idx1-ubyte.gz"),
+          gzip.compress(labels[:4000]) + gzip.compress(labels[4000:]))
+    assert data.check_quickly(directory) == directory
+
+
+def test_check_quickly_leaves_wrong_bytes_to_the_full_load(isolated):
+    """Same size, one byte changed: too costly to find here (the full SHA-256 check finds it)."""
+    require_real_data()
+    directory = link_real_files(isolated / "d", [n for n in GZ_NAMES if not n.startswith("t10k-labels")])
+    with gzip.open(os.path.join(REAL_DIR, "t10k-labels-idx1-ubyte.gz")) as f:
+        labels = bytearray(f.read())
+    labels[5000] = (labels[5000] + 1) % 10
+    write(os.path.join(directory, "t10k-labels-idx1-ubyte"), bytes(labels))
+    assert data.check_quickly(directory) == directory
+    with pytest.raises(data.DataError, match="SHA-256 of the data is"):
+        data.load_fashion_mnist(directory)
+
+
+def test_check_quickly_where_nothing_is_found(isolated):
+    cache = str(isolated / "cache")
+    with pytest.raises(data.DataError, match=r"^Fashion-MNIST not found\. Searched:\n"):
+        data.check_quickly(cache_dir=cache)
+    assert data.check_quickly(download=True, cache_dir=cache) is None   # the download comes later
+    with pytest.raises(data.DataError, match=r"Fashion-MNIST not found in .*missing \(data.dir / --data-dir\)"):
+        data.check_quickly(str(isolated / "missing"), download=True)     # data.dir is the only place
 
 
 # ---------------------------------------------------------------- look-up order
@@ -300,10 +434,16 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that stopped reading: expected here
+            super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def http_server(directory):
     handler = functools.partial(QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -379,6 +519,64 @@ def test_download_connection_refused(isolated):
         pass  # the port is closed again
     with pytest.raises(data.DataError, match=r"failed: \[Errno 111\] Connection refused"):
         data.download_dataset(url, str(isolated / "cache"), progress=False)
+
+
+def test_download_refused_when_content_length_is_too_large(isolated):
+    """The server announces more than any Fashion-MNIST file (a sparse file, no disk used)."""
+    files = isolated / "www" / "files"
+    files.mkdir(parents=True)
+    (files / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    os.truncate(files / "train-images-idx3-ubyte.gz", data.DOWNLOAD_LIMIT + 1)
+    with http_server(files.parent) as url:
+        with pytest.raises(data.DataError) as e:
+            data.download_dataset(url, str(isolated / "cache"), progress=False)
+    assert str(e.value) == (f"download of {url}train-images-idx3-ubyte.gz failed: the server announces "
+                            f"{data.DOWNLOAD_LIMIT + 1} bytes (Content-Length), more than any Fashion-MNIST file "
+                            f"(limit {data.DOWNLOAD_LIMIT}); not downloaded")
+    assert os.listdir(isolated / "cache") == []
+
+
+class EndlessHandler(http.server.BaseHTTPRequestHandler):
+    """Zeros without a Content-Length (the body ends when the connection does), up to 4x the limit."""
+    sent = 0
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        zeros = bytes(1 << 20)
+        try:
+            while EndlessHandler.sent < 4 * data.DOWNLOAD_LIMIT:
+                self.wfile.write(zeros)
+                EndlessHandler.sent += len(zeros)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_stops_when_the_bytes_received_pass_the_limit(isolated):
+    server = QuietServer(("127.0.0.1", 0), EndlessHandler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/files/"
+    try:
+        with pytest.raises(data.DataError) as e:
+            data.download_dataset(url, str(isolated / "cache"), progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert str(e.value) == (f"download of {url}train-images-idx3-ubyte.gz failed: more than {data.DOWNLOAD_LIMIT} "
+                            "bytes received, more than any Fashion-MNIST file; stopped")
+    assert os.listdir(isolated / "cache") == []
+    assert EndlessHandler.sent < 4 * data.DOWNLOAD_LIMIT, "the client stopped reading, the server did not run dry"
+
+
+def test_download_limit_leaves_room_for_the_real_files():
+    assert data.DOWNLOAD_LIMIT == 2 * 26421880
+    if os.path.isdir(REAL_DIR):
+        assert max(os.path.getsize(os.path.join(REAL_DIR, n)) for n in GZ_NAMES) < data.DOWNLOAD_LIMIT / 2
 
 
 # ---------------------------------------------------------------- split and shards
