@@ -15,12 +15,15 @@ Every figure is FIGSIZE inches at DPI dots per inch, i.e. 800 x 450 pixels.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..errors import ReportWriteError, cause  # noqa: E402
+from ..files import TMP_PREFIX, unlink_quietly  # noqa: E402
 from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows  # noqa: E402
 
 FIGSIZE = (8.0, 4.5)
@@ -40,9 +43,30 @@ def _figure(ncols: int = 1):
 
 
 def _save(fig, path: str) -> str:
-    fig.savefig(path, dpi=DPI, format="png")  # no bbox_inches="tight": the size stays PIXELS
-    plt.close(fig)
+    """The figure as a PNG, whole or not at all (temporary file, then rename); ReportWriteError
+    names the file that could not be written."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=TMP_PREFIX, suffix=".png")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)            # as readable as a file savefig creates
+            fig.savefig(f, dpi=DPI, format="png")  # no bbox_inches="tight": the size stays PIXELS
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise ReportWriteError(f"{path}: could not write the plot: {cause(e)}") from None
+    finally:
+        plt.close(fig)
+        if tmp is not None:
+            unlink_quietly(tmp)
     return path
+
+
+def _make_dir(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ReportWriteError(f"{out_dir}: cannot hold the plots: {cause(e)}") from None
 
 
 def _title(report: dict) -> str:
@@ -56,7 +80,7 @@ def plot_run(report: dict, out_dir: str) -> list[str]:
     """The three per-run plots; returns their paths (none for a run without epochs)."""
     if not report.get("epochs"):
         return []
-    os.makedirs(out_dir, exist_ok=True)
+    _make_dir(out_dir)
     return [accuracy_loss(report, os.path.join(out_dir, RUN_PLOTS[0])),
             throughput(report, os.path.join(out_dir, RUN_PLOTS[1])),
             time_breakdown(report, os.path.join(out_dir, RUN_PLOTS[2]))]
@@ -139,7 +163,7 @@ def _stacked(ax, labels: list[str], values: list[list[float]], horizontal: bool 
 def plot_comparison(rows: list[dict], reports: dict[str, dict], out_dir: str,
                     projections: list[dict] | None = None) -> list[str]:
     """rows: compare.compare_rows output; reports: path -> report. Returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    _make_dir(out_dir)
     return [scaling(rows, os.path.join(out_dir, COMPARISON_PLOTS[0]), projections),
             comparison_breakdown(rows, reports, os.path.join(out_dir, COMPARISON_PLOTS[1]))]
 

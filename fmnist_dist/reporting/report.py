@@ -2,6 +2,8 @@
 
 report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and at the end:
   schema, schema_version, run_id, status (running|completed|failed|preempted), error,
+  failure {reason, epoch, step (of the epoch), run_step, loss, rank} (when the training loss became
+          NaN or infinite: where it was first seen),
   started, finished, command, config (fully resolved),
   environment (detected at run time: versions, ITEX/oneDNN/bf16 state, CPU flags, threads;
                precision {requested, chosen, reason, hosts {host: isa}}; nodes [each rank's CPU:
@@ -13,7 +15,9 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
          initial_weights_sha256}]},
   segments [{segment, started, world_size, hosts, resumed_from, start_epoch, start_position, peak_lr,
              precision, training_s, ended, end (running|completed|preempted|failed|interrupted), note,
-             reason}] (one per start or resume of the run),
+             reason, code_version (fmnist-dist version [+g<git commit>] that ran the segment),
+             checkpoint_code_version (on a resume: the version that wrote its checkpoint)}]
+             (one per start or resume of the run),
   data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank,
         global_batch_size},
   model {layers, description, parameters, trainable_parameters, batch_norm, flops_per_image},
@@ -48,8 +52,8 @@ import json
 import os
 import statistics
 from typing import Any
-from ..errors import ReportError
-from ..files import atomic_write
+from ..errors import ReportError, ReportWriteError, cause
+from ..files import fsync_path, stage, unlink_quietly
 from .render import RANK_COLUMNS, render_markdown
 
 SCHEMA = "fmnist-dist/report"
@@ -118,9 +122,29 @@ def _per_host(busy: dict, samples: dict, hosts: dict) -> dict:
 
 
 def write_report(run_dir: str, report: dict) -> None:
-    atomic_write(os.path.join(run_dir, "report.json"), json.dumps(report, indent=2, sort_keys=False) + "\n")
-    atomic_write(os.path.join(run_dir, "epochs.csv"), epochs_csv(report))
-    atomic_write(os.path.join(run_dir, "report.md"), render_markdown(report))
+    """report.json, epochs.csv and report.md, each whole or not at all. All three are written to
+    temporary files first (a full disk replaces none), then put in place with report.json last: it
+    is what a resume and `report` read, so a failure leaves the earlier one. ReportWriteError names
+    the file that could not be written."""
+    texts = {"report.md": render_markdown(report), "epochs.csv": epochs_csv(report),
+             "report.json": json.dumps(report, indent=2, sort_keys=False) + "\n"}
+    staged: dict[str, str] = {}
+    path = run_dir
+    try:
+        for name, text in texts.items():
+            path = os.path.join(run_dir, name)
+            staged[name] = stage(path, text)
+        for name in texts:
+            path = os.path.join(run_dir, name)
+            os.replace(staged[name], path)
+            del staged[name]
+        path = run_dir
+        fsync_path(run_dir)
+    except OSError as e:
+        raise ReportWriteError(f"{path}: could not write the report: {cause(e)}") from None
+    finally:
+        for tmp in staged.values():
+            unlink_quietly(tmp)
 
 
 def report_status(run_dir: str) -> str | None:

@@ -5,11 +5,23 @@ import os
 
 import tensorflow as tf
 
+from ..errors import ReportWriteError, cause
+
 
 class TensorBoardWriter:
+    """Rank 0 writes while the other ranks go on, so a failure is not raised where it happens (the
+    others would wait in a collective for it): the writer stops writing, keeps the error, and
+    `check` raises it where every rank learns of it (the next checkpoint's agreement)."""
+
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, "tensorboard")
         self._writer = None
+        self.failure: ReportWriteError | None = None
+
+    def check(self) -> None:
+        """Raise the ReportWriteError of a write that failed (naming the log directory), if any."""
+        if self.failure is not None:
+            raise self.failure
 
     def _open(self):
         if self._writer is None:
@@ -37,10 +49,19 @@ class TensorBoardWriter:
             ("time/training_total_s", "training_s"), ("time/startup_s", "startup_s"),
             ("throughput/images_per_s_run", "images_per_s")) if timing.get(key) is not None})
         self._write(report["epochs"][-1]["epoch"], scalars)
-        self._writer.close()
+        if self._writer is not None and self.failure is None:
+            try:
+                self._writer.close()
+            except (OSError, tf.errors.OpError) as e:
+                self.failure = ReportWriteError(f"{self.path}: could not write the TensorBoard log: {cause(e)}")
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
-        with self._open().as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self._writer.flush()
+        if self.failure is not None:
+            return
+        try:
+            with self._open().as_default(step=step):
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, value)
+            self._writer.flush()
+        except (OSError, tf.errors.OpError) as e:
+            self.failure = ReportWriteError(f"{self.path}: could not write the TensorBoard log: {cause(e)}")
