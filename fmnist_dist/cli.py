@@ -14,6 +14,7 @@ from dataclasses import asdict
 from datetime import datetime
 
 from . import config as config_mod
+from . import lease
 from .errors import FmnistError, LaunchError, ProjectionError, UsageError
 from .training import environment
 
@@ -24,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FmnistError as e:   # the user's to fix: one line, exit 2; anything else is a bug (traceback)
-        if environment.launcher_rank() == 0:  # every rank hits the same error; one line is enough
+        from .errors import NodeError
+
+        # Every rank hits the same error (one line is enough), except what a rank finds on its own node.
+        if isinstance(e, NodeError) or environment.launcher_rank() == 0:
             print(f"fmnist-dist: error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        lease.release_held()                # the run directory's writer lease, if this process took it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard a run already in --run-dir (report and checkpoints) and start afresh")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the unfinished run in RUN_DIR from its newest checkpoint, with its "
-                   "config.yaml (plus --set overrides that do not change the model, data or seed). "
+                   "config.yaml (plus --set overrides of keys that leave the experiment as it was; see --allow-change). "
                    "A run directory holding a checkpoint is also resumed without this flag")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="when resuming, let KEY (given with --set) differ from the run's config.yaml, e.g. "
+                   "--set train.epochs=30 --allow-change train.epochs; the report records the change. "
+                   "Without it, a key that changes the experiment is refused")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preflight", help="check every rank's node before the training (run it through the "
@@ -75,25 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-    if args.resume and args.run_dir and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
-        raise config_mod.ConfigError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs")
-    config_path = args.config or (os.path.join(args.resume, "config.yaml") if args.resume else None)
-    cfg = config_mod.load(config_path, overrides)          # validated before any work
+    cfg, run_dir, changes = train_config(args)             # validated before any work
+    from . import data as data_mod
+    from .errors import DataError, NodeDataError
 
-    from .training.rundir import default_run_dir
-
-    run_dir = args.resume or args.run_dir or default_run_dir(args.config)
+    try:  # in milliseconds, before Horovod and TensorFlow take their 10-15 s to start
+        source = cfg["data"]
+        data_mod.check_quickly(source["dir"], source["download"], source["cache_dir"], source["url"])
+    except DataError as e:  # perhaps this node's alone: the rank says so itself, naming the host when launched
+        launched = any(name in os.environ for name in environment.RANK_VARS)
+        raise NodeDataError(f"{os.uname().nodename}: {e}" if launched else str(e)) from None
     environment.prepare(config_mod.namespace(cfg))        # before TensorFlow loads with the training code
     from .training.loop import EXIT_PREEMPTED, Preempted, train
 
     try:
-        report = train(cfg, run_dir, overwrite=args.overwrite, resume=bool(args.resume))
+        report = train(cfg, run_dir, overwrite=args.overwrite, resume=bool(args.resume), changes=changes)
     except Preempted as stop:
-        if environment.launcher_rank() == 0:
-            print(f"fmnist-dist: preempted: {stop.reason}; checkpoint and partial report in {stop.run_dir}; "
-                  f"resume with: fmnist-dist train --resume {stop.run_dir} (exit {EXIT_PREEMPTED})",
-                  file=sys.stderr, flush=True)
+        # The job's status is rank 0's, given last: a rank exiting non-zero while others still run
+        # makes srun --kill-on-bad-exit and mpirun kill them (their 75 would become 143).
+        if environment.launcher_rank() != 0:
+            return 0
+        from .training import watchdog
+
+        watchdog.linger_until_others_exit()
+        print(f"fmnist-dist: preempted: {stop.reason}; checkpoint and partial report in {stop.run_dir}; "
+              f"resume with: fmnist-dist train --resume {stop.run_dir} (exit {EXIT_PREEMPTED})",
+              file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     if report is not None:  # rank 0
         from .reporting.render import summary_lines
@@ -101,6 +118,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(summary_lines(report)))
         print(f"  report: {os.path.join(run_dir, 'report.md')} (also report.json, epochs.csv, config.yaml)")
     return 0
+
+
+def train_config(args: argparse.Namespace) -> tuple[dict, str, dict]:
+    """The config, run directory and deliberate config changes of `train`, refusing what it cannot
+    honour before anything starts or is written. Resuming (--resume, or a run directory holding an
+    unfinished run: a requeued job) continues with the run's own config.yaml."""
+    from .training import rundir
+
+    overrides = list(args.overrides) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    if args.resume and args.run_dir and os.path.abspath(args.run_dir) != os.path.abspath(args.resume):
+        raise UsageError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs")
+    if args.resume and args.overwrite:
+        raise UsageError(f"--resume {args.resume} and --overwrite contradict each other: --overwrite would delete "
+                         f"the checkpoints --resume continues from")
+    if args.resume and not rundir.will_resume(args.resume, overwrite=False):
+        raise UsageError(f"--resume {args.resume}: {rundir.why_not_resumable(args.resume)}")
+    run_dir = args.resume or args.run_dir or rundir.default_run_dir(args.config)
+    if environment.launcher_rank() == 0:
+        lease.check_free(run_dir)                          # another job writes there: refused at once
+    if args.allow_change and not rundir.will_resume(run_dir, args.overwrite):
+        raise UsageError(f"--allow-change is for resuming a run, and {run_dir} holds none to resume")
+    if not rundir.will_resume(run_dir, args.overwrite):
+        return config_mod.load(args.config, overrides), run_dir, {}
+    cfg, changes, warnings = rundir.resume_config(run_dir, args.config, overrides, args.allow_change)
+    if environment.launcher_rank() == 0:
+        for line in warnings:
+            print(f"fmnist-dist: warning: {line}", file=sys.stderr, flush=True)
+    return cfg, run_dir, changes
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 
-from . import cpu
-from .errors import SetupError
+from . import cpu, lease
+from .errors import RunDirError, SetupError
 from .files import atomic_write, now_iso
 
 PREFLIGHT_FILE = "preflight.json"
@@ -117,13 +117,20 @@ def check_run_dir(run_dir: str) -> dict:
     except OSError as e:
         writable, error = False, e.strerror or str(e)
     free = shutil.disk_usage(target).free if os.path.isdir(target) else 0
+    try:
+        lease.check_free(run_dir)
+        busy = None
+    except RunDirError as e:
+        busy = str(e)
     return {"path": os.path.abspath(run_dir), "checked": target, "writable": writable, "error": error,
-            "free_bytes": free}
+            "free_bytes": free, "busy": busy}
 
 
 def run_dir_problems(result: dict) -> list[str]:
     """Rank 0 writes the run directory: only its view of it can stop the job."""
     rd = result["run_dir"]
+    if rd.get("busy"):
+        return [rd["busy"]]
     if not rd["writable"]:
         return [f"cannot write the run directory {rd['path']} ({rd['checked']}: {rd['error']})"]
     if rd["free_bytes"] < MIN_FREE_BYTES:
@@ -220,7 +227,7 @@ def run(cfg: dict, run_dir: str, keep_record: bool = True) -> int:
                   f"across hosts (report start and end) are off by as much", file=sys.stderr, flush=True)
         for problem in problems:
             print(f"fmnist-dist: error: preflight: {problem}", file=sys.stderr, flush=True)
-        if keep_record and results[0]["run_dir"]["writable"]:
+        if keep_record and results[0]["run_dir"]["writable"] and not results[0]["run_dir"]["busy"]:
             keep(run_dir, record)
         status = EXIT_FAILED if problems else 0
         if not problems:

@@ -12,28 +12,27 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import tensorflow as tf
 
 from .. import config as config_mod
 from .. import data as data_mod
-from .. import preflight
+from .. import lease, preflight
 from ..config import describe_layers
-from ..errors import CheckpointError, DataError, RunDirError
+from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError, ReportWriteError, RunDirError
 from ..files import now_iso
 from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
 from ..timing import recorder
-from . import environment, rundir, runtime
-from .callbacks import StepControl, StepTimer, StopFlag, agreed_stop, barrier
+from . import checkpoint, environment, rundir, runtime, watchdog
+from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
 from .model import build_and_compile, flops_per_image
 from .pipeline import evaluate, make_batches
 from .rundir import RunState
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: stopped cleanly and checkpointed; requeue to resume
-AGREED_ERRORS = (DataError, RunDirError, CheckpointError)
 
 
 class Preempted(Exception):
@@ -44,15 +43,18 @@ class Preempted(Exception):
         self.reason, self.run_dir = reason, run_dir
 
 
-def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False) -> dict | None:
+def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False,
+          changes: dict | None = None) -> dict | None:
     """Train with the resolved config; rank 0 writes into run_dir and returns the final report
-    (other ranks return None). Raises Preempted after a clean, checkpointed stop."""
+    (other ranks return None). Raises Preempted after a clean, checkpointed stop. `changes` are the
+    config keys a resume changes deliberately ({key: [before, after]}, from --allow-change)."""
     started, stop = now_iso(), StopFlag.install()              # SIGTERM/SIGUSR1 from here on
-    ns = config_mod.namespace(cfg)
+    ns, changes = config_mod.namespace(cfg), changes or {}
 
     # 1. Runtime. [hvd] init; one intra-op pool per rank, sized to its own cores; the precision
-    #    every rank agrees on (the least capable CPU decides).
+    #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
     rt = runtime.start(ns)
+    stalled = StallRecord.watch(rt, ns, run_dir)
 
     # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
     t0 = time.perf_counter()
@@ -69,15 +71,19 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
 
     # 4. State: fresh, or rank 0's newest checkpoint. [hvd] weights and optimizer state are
     #    broadcast from rank 0 before the first step, so every rank starts from the same point.
-    state, resumed_from = restore(rt, run_dir, model, optimizer, cfg, plan) if resuming else (RunState(), None)
+    state, resumed_from = restore(rt, run_dir, model, optimizer, cfg, plan, changes) if resuming else (RunState(), None)
     rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
     run = Run(rt, ns, cfg, run_dir, plan, dataset, model, optimizer, state, data_load_s=data_load_s)
     run.report, run.segment = new_report(run, started, resumed_from, schedule.peak_lr)
+    run.segment["config_changes"] = changes or None             # deliberate, with --allow-change
+    stalled.run = run
     run.startup_s = environment.seconds_since_process_start(t0) + time.perf_counter() - t0 - data_load_s
     run.timing = recorder.start(rt, model, run_dir, run.startup_s)   # the allreduce probe (collective)
-    run.control = StepControl(rt, stop, ns.train.stop_check_steps, ns.train.time_limit, ns.checkpoint.every_steps)
+    run.control = StepControl(rt, stop, ns.train.stop_check_steps, ns.train.time_limit, ns.checkpoint.every_steps,
+                              progress=state, per_step=plan.world * plan.batch)
     # [hvd] MetricAverageCallback: the loss and accuracy Keras reports are averaged over the ranks.
-    run.callbacks = [rt.hvd.callbacks.MetricAverageCallback(), run.timer, run.control, *run.timing.callbacks()]
+    run.callbacks = [rt.hvd.callbacks.MetricAverageCallback(), run.timer, run.control, *run.timing.callbacks(),
+                     ProgressMarks()]
 
     # 5. Epochs, each in one or more fit chunks (a chunk ends early for a stop or a mid-epoch checkpoint).
     stop_reason = None
@@ -98,18 +104,14 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
             if target is not None and val_accuracy >= target:               # the same on every rank
                 stop_reason = f"validation accuracy {val_accuracy:.4f} reached target {target}"
                 break
-            stop_reason = stop_reason or agreed_stop(rt, stop, ns.train.time_limit)
+            stop_reason = stop_reason or run.control.agree()            # also: was every loss finite?
             save(run, "running")
             if stop_reason:
                 break
-    except (CheckpointError, KeyboardInterrupt):
-        raise
+    except (CheckpointError, ReportError, RunDirError, KeyboardInterrupt):
+        raise                          # the run directory takes no report now: the last one written stands
     except Exception as e:
-        if rt.rank == 0:                                      # the report says how far it got, and why not further
-            run.report.update(status="failed", error=f"{type(e).__name__}: {e}", finished=now_iso())
-            run.segment.update(end="failed", ended=now_iso())
-            report_mod.write_report(run_dir, run.report)
-        raise
+        fail(run, e)                   # the report says how far it got, and why not further
 
     # 6. Stopped by a signal or the time limit: checkpoint, partial report, exit 75 to be requeued.
     if stop_reason and not stop_reason.startswith("validation accuracy"):
@@ -121,12 +123,40 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     # 7. Test: exact accuracy over all 10,000 images; [hvd] rank 0 alone writes the report.
     t_test = time.perf_counter()
     test = evaluate(model, dataset.x_test, dataset.y_test, rt, ns.train.eval_batch_size, ns.train.eval_flip)
-    return finish(run, test, time.perf_counter() - t_test, stop_reason) if rt.rank == 0 else None
+    return finish(run, test, time.perf_counter() - t_test, stop_reason)
+
+
+class StallRecord:
+    """Rank 0, when the watchdog ends a stalled job: the report says so, and the lease is released.
+    Runs on the watchdog's thread while the main thread waits in a collective."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir, self.run = run_dir, None
+
+    @classmethod
+    def watch(cls, rt: runtime.Runtime, ns: Any, run_dir: str) -> "StallRecord":
+        """Start the stall watchdog on every rank; rank 0's records the stall in the report."""
+        stalled = cls(run_dir)
+        watchdog.start(rt, ns.train.stall_timeout, on_stall=stalled.record if rt.rank == 0 else None)
+        return stalled
+
+    def record(self, line: str) -> None:
+        if self.run is not None:
+            self.run.segment.update(end="stalled", ended=now_iso(), reason=line)
+            self.run.report.update(status="failed", error=line, finished=now_iso())
+            report_mod.write_report(self.run_dir, self.run.report)
+        lease.release_held()
 
 
 @dataclass
 class EpochPlan:
-    """The split of the training images and what one epoch is on this world size."""
+    """The split of the training images and what one epoch is on this world size.
+
+    An epoch is `steps` global batches of this world size, taken in order from the epoch's order
+    (data.epoch_order); the remainder, fewer than one global batch, sits out. A run resumed on another
+    number of ranks continues the epoch at the saved position with global batches of the new size, up
+    to this epoch size: what is left then, fewer than one new global batch, is dropped in the same
+    way (the segment's skipped_examples), and an epoch that already has this many examples ends."""
     train_idx: np.ndarray
     val_idx: np.ndarray
     batch: int              # per rank
@@ -141,6 +171,20 @@ class EpochPlan:
         if ns.train.steps_per_epoch:
             steps = min(steps, ns.train.steps_per_epoch)
         return cls(train_idx, val_idx, ns.train.batch_size, world, steps, steps * world * ns.train.batch_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.batch
+
+    def steps_left(self, position: int) -> int:
+        """Whole global batches left in the epoch after `position` of its examples."""
+        return max(0, self.epoch_samples - position) // self.global_batch
+
+    def schedule_step(self, epoch: int, position: int) -> int:
+        """The optimizer's step (the learning-rate schedule's position) at `position` of `epoch`:
+        counted back from the epoch's end, so that the steps left end every epoch at epoch x steps
+        (a position that is not a whole number of global batches rounds up)."""
+        return epoch * self.steps - self.steps_left(position)
 
 
 @dataclass
@@ -166,12 +210,15 @@ class Run:
     data_load_s: float = 0.0
 
 
-def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan) -> tuple[RunState, str]:
+def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan, changes: dict) -> tuple[RunState, str]:
     """Rank 0 loads the newest usable checkpoint; every rank gets its state."""
-    state, path = agree(rt, lambda: rundir.restore(run_dir, model, optimizer, cfg) if rt.rank == 0 else (None, None))
+    watchdog.mark("restore")
+    state, path = agree(rt, lambda: rundir.restore(run_dir, model, optimizer, cfg, tuple(changes)) if rt.rank == 0 else (None, None))
     state, path = rt.hvd_tf.broadcast_object((state, path), root_rank=0)
-    # The schedule counts steps of this world size: continue from the examples already seen.
-    optimizer.iterations.assign(state.samples_done // (plan.world * plan.batch))
+    # The schedule counts steps of this world size (perhaps not the checkpoint's): continue at the
+    # step of this epoch and position, not at examples seen / global batch (earlier epochs may have
+    # had another size).
+    optimizer.iterations.assign(plan.schedule_step(state.epoch, state.position))
     for earlier in state.segments:
         if earlier["end"] == "running":                      # it died without a clean stop
             earlier["end"] = "interrupted"
@@ -181,8 +228,11 @@ def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan) -> t
 def fit_chunk(run: Run, epoch: int) -> None:
     """Train from the state's position to the epoch's end, or until a stop or checkpoint is due."""
     rt, plan, state, t = run.rt, run.plan, run.state, run.ns.train
-    per_step = plan.world * plan.batch
-    steps_left = (plan.epoch_samples - state.position) // per_step
+    per_step = plan.global_batch
+    steps_left = plan.steps_left(state.position)
+    if not steps_left:
+        skip_leftover(run, epoch)
+        return
     t_data = time.perf_counter()
     shard = data_mod.epoch_shard(plan.train_idx, epoch, t.seed, rt.rank, plan.world, plan.batch,
                                  start=state.position, max_steps=steps_left)
@@ -194,13 +244,41 @@ def fit_chunk(run: Run, epoch: int) -> None:
                             callbacks=run.callbacks, verbose=0)
     fit_s = time.perf_counter() - t_fit
     wait_s = barrier(rt)
+    chunk = {k: float(history.history[k][-1]) for k in ("loss", "accuracy")}
+    earlier = state.train_metrics if state.position else None      # this epoch's earlier chunks
+    state.train_metrics = epoch_mean(earlier, chunk, run.timer.steps * per_step)
     state.position += run.timer.steps * per_step
     state.samples_done += run.timer.steps * per_step
     run.segment["training_s"] += data_s + fit_s + wait_s
-    record = {"rank": rt.rank, "host": rt.host, "data_s": data_s, "step_s": run.timer.step_s, "fit_s": fit_s,
-              "wait_s": wait_s, "eval_s": 0.0, "steps": run.timer.steps, "samples": run.timer.steps * plan.batch}
+    record = rank_record(rt, data_s=data_s, step_s=run.timer.step_s, fit_s=fit_s, wait_s=wait_s,
+                         steps=run.timer.steps, samples=run.timer.steps * plan.batch)
     state.partial = merge_records(state.partial, rt.hvd_tf.allgather_object(record))
-    state.train_metrics = {k: float(history.history[k][-1]) for k in ("loss", "accuracy")}
+
+
+def epoch_mean(earlier: dict | None, chunk: dict, examples: int) -> dict:
+    """The epoch's training loss and accuracy over its fit chunks so far. Keras averages over one fit
+    call, and an epoch interrupted, resumed or checkpointed mid-way is several: weigh them by examples."""
+    if not earlier or "examples" not in earlier:
+        return {**chunk, "examples": examples}
+    total = earlier["examples"] + examples
+    return {**{k: (earlier[k] * earlier["examples"] + chunk[k] * examples) / total for k in chunk}, "examples": total}
+
+
+def skip_leftover(run: Run, epoch: int) -> None:
+    """Fewer examples than one global batch are left in the epoch (after a resume on another number
+    of ranks): they are dropped, as every epoch's remainder is, and the epoch ends."""
+    skipped = run.plan.epoch_samples - run.state.position
+    run.state.position = run.plan.epoch_samples
+    run.segment["skipped_examples"] += skipped
+    if run.rt.rank == 0:
+        print(f"epoch {epoch}: the last {skipped} examples of the epoch are fewer than one global batch "
+              f"({run.plan.global_batch}) of {run.plan.world} rank(s): skipped", flush=True)
+
+
+def rank_record(rt: runtime.Runtime, **seconds_and_counts: float) -> dict:
+    """One rank's record of a fit chunk or an evaluation; what it did not do counts zero."""
+    return {"rank": rt.rank, "host": rt.host, "data_s": 0.0, "step_s": 0.0, "fit_s": 0.0, "wait_s": 0.0,
+            "eval_s": 0.0, "steps": 0, "samples": 0, **seconds_and_counts}
 
 
 def end_epoch(run: Run, epoch: int, lr: float) -> float:
@@ -210,7 +288,8 @@ def end_epoch(run: Run, epoch: int, lr: float) -> float:
     x, y = run.dataset.x_train[run.plan.val_idx], run.dataset.y_train[run.plan.val_idx]
     val = evaluate(run.model, x, y, rt, ns.train.eval_batch_size, ns.train.eval_flip)
     eval_s = time.perf_counter() - t_eval
-    records = merge_records(state.partial, rt.hvd_tf.allgather_object({"rank": rt.rank, "eval_s": eval_s}))
+    # A full record: a rank that joined after a resume may have trained none of this epoch.
+    records = merge_records(state.partial, rt.hvd_tf.allgather_object(rank_record(rt, eval_s=eval_s)))
     metrics = {"lr": lr, "train_loss": state.train_metrics["loss"], "train_accuracy": state.train_metrics["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     state.next_epoch(epoch + 1)
@@ -228,10 +307,14 @@ def end_epoch(run: Run, epoch: int, lr: float) -> float:
 
 
 def save(run: Run, status: str) -> None:
-    """Rank 0 writes the checkpoint, then the report; every rank learns if it failed."""
+    """Rank 0 writes the checkpoint, then the report; every rank learns if it failed. Never after a
+    non-finite loss: the ranks agree on that first (DivergenceError on every rank)."""
+    run.control.check_finite()
+
     def write():
         if run.rt.rank != 0:
             return
+        record_code_versions(run)
         run.state.epochs, run.state.segments = run.report["epochs"], run.report["segments"]
         t_save = time.perf_counter()
         rundir.save(run.run_dir, run.model, run.optimizer, run.state, run.cfg, run.plan.world, run.ns.checkpoint.keep)
@@ -241,12 +324,65 @@ def save(run: Run, status: str) -> None:
             rank0["checkpoint_s"] = rank0.get("checkpoint_s", 0.0) + time.perf_counter() - t_save
         run.report["status"] = status
         update_timing(run)
+        if run.tensorboard is not None:
+            run.tensorboard.check()                           # the epoch's scalars, written by end_epoch
         report_mod.write_report(run.run_dir, run.report)
     agree(run.rt, write)
 
 
-def finish(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) -> dict:
-    """Rank 0: the results, the final timing split, TensorBoard, plots and the report."""
+def fail(run: Run, error: Exception) -> NoReturn:
+    """The run failed: rank 0's report says so; raises the error (on rank 0, a non-finite loss with
+    the last good checkpoint named)."""
+    raised = report_failure(run, error) if run.rt.rank == 0 else error
+    if isinstance(error, DivergenceError):
+        # Every rank raised it at the same agreed step. None exits before rank 0 has written the
+        # report: a launcher ends every rank as soon as one exits.
+        barrier(run.rt)
+    if raised is error:
+        raise error
+    raise raised from None
+
+
+def report_failure(run: Run, error: Exception) -> Exception:
+    """Rank 0: the report says the run failed, why, and (a non-finite loss) where and which checkpoint
+    is the last good one; returns the error to raise."""
+    if isinstance(error, DivergenceError):
+        found = checkpoint.list_checkpoints(run.run_dir)
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written before it"
+        error = DivergenceError(f"{error}; {last}", where=error.where)
+        run.report["failure"] = {"reason": f"the training loss became {error.where['loss']}", **error.where}
+    record_code_versions(run)
+    run.segment.update(end="failed", ended=now_iso(), reason=str(error))
+    run.report.update(status="failed", error=f"{type(error).__name__}: {error}", finished=now_iso())
+    try:
+        report_mod.write_report(run.run_dir, run.report)
+    except ReportError as e:
+        print(f"fmnist-dist: warning: the report of this failure could not be written: {e}", file=sys.stderr,
+              flush=True)
+    return error
+
+
+def record_code_versions(run: Run) -> None:
+    """Rank 0, before the segment's record is first written: the code that runs it and, on a resume,
+    the code that wrote its checkpoint (checkpoint.load_latest warned if they differ)."""
+    if "code_version" not in run.segment:
+        run.segment["code_version"] = checkpoint.code_version()
+        if run.segment.get("resumed_from"):
+            run.segment["checkpoint_code_version"] = checkpoint.written_by(run.segment["resumed_from"])
+
+
+def finish(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) -> dict | None:
+    """Rank 0 writes the results, the final timing split, the report, TensorBoard and plots, and
+    returns the report (other ranks None); every rank learns if a file could not be written."""
+    def write():
+        if run.rt.rank == 0:
+            write_final_report(run, test, test_eval_s, stop_reason)
+    agree(run.rt, write)
+    return run.report if run.rt.rank == 0 else None
+
+
+def write_final_report(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) -> None:
+    """Rank 0: the report first (the results are safe whatever follows), then TensorBoard and plots."""
     report, target = run.report, run.ns.train.target_accuracy
     last = report["epochs"][-1]
     report["results"] = {
@@ -258,6 +394,7 @@ def finish(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) ->
         "target_reached_epoch": next((e["epoch"] for e in report["epochs"]
                                       if target is not None and e["val_accuracy"] >= target), None),
         "stopped_early": stop_reason,
+        "weights_sha256": weights_digest(run.model),   # equal digests: the same training, bit for bit
     }
     update_timing(run, test_eval_s)
     run.segment.update(end="completed", ended=now_iso())
@@ -266,10 +403,15 @@ def finish(run: Run, test: dict, test_eval_s: float, stop_reason: str | None) ->
     if run.ns.report.tensorboard:
         run.tensorboard = run.tensorboard or TensorBoardWriter(run.run_dir)
         run.tensorboard.final(report)
-    if run.ns.report.plots:
-        write_plots(report, run.run_dir)
     report_mod.write_report(run.run_dir, report)
-    return report
+    try:
+        if run.tensorboard is not None:
+            run.tensorboard.check()
+        if run.ns.report.plots:
+            write_plots(report, run.run_dir)
+    except ReportWriteError as e:
+        raise ReportWriteError(f"{e}; the run itself finished, its report is complete in "
+                               f"{os.path.join(run.run_dir, 'report.md')}") from None
 
 
 def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float) -> tuple[dict, dict]:
@@ -280,7 +422,8 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
     world = describe_world(rt, plan.steps * plan.batch, weights_digest(run.model), data_mod.index_digest(first_shard))
     segment = {"segment": len(state.segments) + 1, "started": started, "world_size": plan.world,
                "hosts": sorted(world["hosts"]), "resumed_from": resumed_from,
-               "start_epoch": state.epoch, "start_position": state.position, "peak_lr": peak_lr,
+               "start_epoch": state.epoch, "start_position": state.position, "skipped_examples": 0,
+               "start_step": int(run.optimizer.iterations.numpy()), "peak_lr": peak_lr,
                "precision": rt.environment["precision"]["chosen"], "training_s": 0.0, "ended": None, "end": "running"}
     if resumed_from:
         announce_resume(rt, state, segment, resumed_from)
@@ -329,10 +472,13 @@ def update_timing(run: Run, test_eval_s: float = 0.0) -> None:
 
 
 def write_plots(report: dict, run_dir: str) -> None:
-    """A failure to plot is reported, never fatal: the report is written regardless."""
+    """A plot file that cannot be written is an error (ReportWriteError, naming it and how to draw
+    the plots again); a failure of the plotting itself is a warning: the report stands regardless."""
     try:
         from ..reporting import plots   # matplotlib, only where plots are wanted
         plots.plot_run(report, run_dir)
+    except ReportWriteError as e:
+        raise ReportWriteError(f"{e} (to draw the plots again: fmnist-dist report {run_dir} --plots {run_dir})") from None
     except Exception as e:  # noqa: BLE001
         print(f"fmnist-dist: warning: could not write plots: {e}", flush=True)
 
@@ -343,7 +489,7 @@ def agree(rt: runtime.Runtime, action: Callable) -> Any:
     error = result = None
     try:
         result = action()
-    except AGREED_ERRORS as e:
+    except FmnistError as e:
         error = e
     failures = rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error)))
     failures = [f for f in failures if f]
@@ -351,8 +497,18 @@ def agree(rt: runtime.Runtime, action: Callable) -> Any:
         raise error
     if failures:
         kind, message = failures[0]
-        raise {cls.__name__: cls for cls in AGREED_ERRORS}[kind](message)
+        raise error_class(kind)(message)
     return result
+
+
+def error_class(name: str) -> type:
+    """The FmnistError subclass of that name (another rank's error, raised again here)."""
+    classes, found = [FmnistError], {}
+    while classes:
+        cls = classes.pop()
+        found[cls.__name__] = cls
+        classes.extend(cls.__subclasses__())
+    return found.get(name, FmnistError)
 
 
 def merge_records(earlier: list[dict] | None, later: list[dict]) -> list[dict]:

@@ -16,6 +16,8 @@ def build_and_compile(ns: Any, world_size: int, steps_per_epoch: int,
     """The model, its optimizer (wrapped by `distributed`, e.g. hvd.DistributedOptimizer) and the
     learning-rate schedule, compiled and built: what training trains and the benchmark times."""
     tf.keras.utils.set_random_seed(ns.train.seed)      # the same on every rank: the same initial weights
+    if ns.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     model = build_model(ns.model.layers, ns.train.seed)
     schedule = lr_schedule(ns.train, world_size, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule)

@@ -49,6 +49,10 @@ def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, rt: Any, batch
     """Exact accuracy over all of x: each rank predicts a disjoint part, counts are summed.
     With flip, the logits of each image and its mirror image are averaged; the accuracy of the
     image alone is returned too (one_view_accuracy)."""
+    if rt.size > 1:
+        # The model evaluated is rank 0's, the one checkpoints keep: batch norm's moving statistics
+        # are updated by each rank from its own batches, and another rank's would be lost on resume.
+        rt.hvd_tf.broadcast_variables(model.non_trainable_variables, root_rank=0)
     part = np.array_split(np.arange(len(x)), rt.size)[rt.rank]
     correct, one_view_correct, loss_sum = 0, 0, 0.0
     for start in range(0, len(part), batch_size):

@@ -11,14 +11,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
 from .. import config as config_mod
-from ..errors import RunDirError
+from .. import lease
+from ..errors import ConfigError, RunDirError
 from ..files import atomic_write
 from ..reporting import report as report_mod
 from . import checkpoint
 
-# Changing these between segments would silently make a different experiment.
-RESUME_INCOMPATIBLE = ("model.layers", "data.val_size", "train.seed", "train.batch_size", "train.optimizer",
-                       "intel.mixed_precision")
+# Keys that leave the experiment as it was: where the data lives, what is reported, when to
+# checkpoint or stop, and the node's speed settings. Every other key changes the result, so a
+# resumed run must keep it, unless `--allow-change KEY` says the change is deliberate.
+RESUME_FREE = ("data.dir", "data.download", "data.url", "data.cache_dir", "train.eval_batch_size",
+               "train.time_limit", "train.stop_check_steps", "train.stall_timeout", "checkpoint.", "report.",
+               "intel.onednn", "intel.itex", "intel.intra_op_threads", "intel.inter_op_threads", "intel.bind",
+               "intel.kmp_")
 
 
 
@@ -47,12 +52,73 @@ def default_run_dir(config_path: str | None) -> str:
     return os.path.join("runs", f"{stamp}-{name}-{socket.gethostname()}")
 
 
+def result_changes(before: dict, after: dict) -> dict[str, list]:
+    """Keys outside RESUME_FREE whose values differ: {key: [before, after]}."""
+    old, new = config_mod.flat(before), config_mod.flat(after)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if not k.startswith(RESUME_FREE) and old.get(k) != new.get(k)}
+
+
+def will_resume(run_dir: str, overwrite: bool) -> bool:
+    """Whether `train` continues the run in run_dir (an unfinished run with a checkpoint)."""
+    return (not overwrite and bool(checkpoint.list_checkpoints(run_dir))
+            and report_mod.report_status(run_dir) != "completed")
+
+
+def why_not_resumable(run_dir: str) -> str:
+    if not os.path.isdir(run_dir):
+        return "no such run directory"
+    if report_mod.report_status(run_dir) == "completed":
+        return "holds a finished run (nothing to resume)"
+    return f"nothing to resume: no checkpoint in {checkpoint.checkpoint_root(run_dir)}"
+
+
+def resume_config(run_dir: str, config_path: str | None, overrides: list[str],
+                  allowed: list[str]) -> tuple[dict, dict, list[str]]:
+    """The config a resumed run continues with: the run's own RUN_DIR/config.yaml (a requeued job
+    must not pick up later edits of the repository's config), with the RESUME_FREE keys and the
+    --allow-change keys as asked now. Returns (cfg, the deliberate changes, warnings).
+
+    A --set of a result key without --allow-change is refused (ConfigError naming each key); a
+    config file that now differs is ignored with a warning naming the keys."""
+    run_config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(run_config):
+        raise RunDirError(f"{run_dir}: holds checkpoints but no config.yaml ({run_config}); the run's "
+                          f"configuration is unknown, so it cannot be resumed exactly")
+    started_with = config_mod.load(run_config)
+    requested = config_mod.load(config_path or run_config, overrides)
+    unknown = [k for k in allowed if k not in config_mod.flat(started_with)]
+    if unknown:
+        raise ConfigError(f"--allow-change {unknown[0]}: unknown key")
+    changes = result_changes(started_with, requested)
+    set_keys = {item.split("=", 1)[0].strip() for item in overrides}
+    refused = {k: v for k, v in changes.items() if k in set_keys and k not in allowed}
+    if refused:
+        details = "; ".join(f"{k}: the run has {a!r}, --set asks {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"{run_dir}: cannot resume with {', '.join(refused)} changed ({details}): it would "
+                          f"be another experiment. To change it deliberately add --allow-change KEY (the "
+                          f"report records it), or start a new --run-dir")
+    ignored = sorted(k for k in changes if k not in allowed)
+    warnings = [f"resuming {run_dir} with the configuration it started with ({run_config}); "
+                f"{config_path} now differs in {', '.join(ignored)}: ignored (to change a key deliberately: "
+                f"--set KEY=VALUE --allow-change KEY)"] if ignored else []
+    cfg = config_mod.load(run_config)
+    flat_requested = config_mod.flat(requested)
+    for key in config_mod.flat(cfg):
+        if key.startswith(RESUME_FREE) or key in allowed:
+            section, name = key.split(".", 1)
+            cfg[section][name] = flat_requested[key]
+    return cfg, {k: v for k, v in changes.items() if k in allowed}, warnings
+
+
 def prepare(run_dir: str, overwrite: bool, resume: bool, cfg: dict) -> bool:
-    """Make run_dir ready; returns True when the run continues from its checkpoint.
+    """Take the run directory's writer lease and make it ready; returns True when the run
+    continues from its checkpoint.
 
     A finished run is refused unless overwrite. An unfinished run with a checkpoint is resumed (also
-    without --resume: that is how a requeued job continues). An earlier attempt that never wrote a
-    checkpoint keeps its report under report.attempt-N.json."""
+    without --resume: that is how a requeued job continues) and keeps its config.yaml. An earlier
+    attempt that never wrote a checkpoint keeps its report under report.attempt-N.json."""
+    lease.hold(run_dir)
     status = report_mod.report_status(run_dir)
     report_path = os.path.join(run_dir, "report.json")
     has_checkpoint = bool(checkpoint.list_checkpoints(run_dir))
@@ -74,24 +140,32 @@ def prepare(run_dir: str, overwrite: bool, resume: bool, cfg: dict) -> bool:
                 attempt += 1
             os.replace(report_path, os.path.join(run_dir, f"report.attempt-{attempt}.json"))
         os.makedirs(run_dir, exist_ok=True)
-        atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+        checkpoint.clear_leftovers(run_dir)   # what a killed writer left half-written (we hold the lease)
+        if not has_checkpoint:             # a resumed run's config.yaml changes only after restore
+            atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
     except OSError as e:
         raise RunDirError(f"{run_dir}: cannot write the run directory: {e.strerror or e}") from None
     return has_checkpoint
 
 
-def restore(run_dir: str, model, optimizer, cfg: dict) -> tuple[RunState, str]:
-    """Load the newest usable checkpoint (rank 0) after checking the config still fits it."""
+def restore(run_dir: str, model, optimizer, cfg: dict, allowed: tuple = ()) -> tuple[RunState, str]:
+    """Load the newest usable checkpoint (rank 0) after checking that the config still fits it
+    (every result key, except those changed deliberately); then config.yaml records the config."""
     saved, path = checkpoint.load_latest(run_dir, model, optimizer)
-    before, now = config_mod.flat(saved["config"]), config_mod.flat(cfg)
-    changed = [k for k in RESUME_INCOMPATIBLE if before.get(k) != now.get(k)]
+    changed = {k: v for k, v in result_changes(saved["config"], cfg).items() if k not in allowed}
     if changed:
-        details = "; ".join(f"{k}: checkpoint has {before.get(k)!r}, config has {now.get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in changed.items())
         raise RunDirError(f"{run_dir}: cannot resume with a changed {', '.join(changed)} ({details}); "
                           f"start a new --run-dir instead")
+    try:
+        atomic_write(os.path.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+    except OSError as e:
+        raise RunDirError(f"{run_dir}: cannot write config.yaml: {e.strerror or e}") from None
     return RunState.from_checkpoint(saved), path
 
 
 def save(run_dir: str, model, optimizer, state: RunState, cfg: dict, world_size: int, keep: int) -> None:
-    """Rank 0: a checkpoint of the model, the optimizer and the run's state."""
+    """Rank 0: a checkpoint of the model, the optimizer and the run's state (if it still holds the
+    run directory's lease)."""
+    lease.check_held()
     checkpoint.save(run_dir, model, optimizer, {**asdict(state), "config": cfg, "world_size": world_size}, keep)
