@@ -158,7 +158,9 @@ def test_resumed_shards_continue_the_epoch_order(old_ranks, new_ranks):
 # Exact resume
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+# 2 ranks: Gloo's allreduce and the broadcast of rank 0's state on top of what 1 process does (1 process
+# passed too; it is left out of make test to keep the suite's time).
+@pytest.mark.parametrize("ranks", [2])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(runs, ranks):
     reference, interrupted = runs.get("reference", ranks)["report"], runs.get("interrupted", ranks)["report"]
     segments = interrupted["segments"]

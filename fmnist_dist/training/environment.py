@@ -113,6 +113,10 @@ def prepare(cfg: Any) -> None:
     Idempotent (a second call finds the affinity it set and changes nothing)."""
     configure_environment(cfg.intel)
     timeline.prepare_environment(cfg)
+    if cfg.train.stall_timeout:
+        # Gloo ends a collective after 30 s with a traceback; the stall watchdog must speak first,
+        # naming the rank (an explicit HOROVOD_GLOO_TIMEOUT_SECONDS is kept).
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(cfg.train.stall_timeout * 2 + 60)))
 
 
 def itex_dir() -> str:

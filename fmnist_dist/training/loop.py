@@ -284,6 +284,7 @@ def rank_record(rt: runtime.Runtime, **seconds_and_counts: float) -> dict:
 def end_epoch(run: Run, epoch: int, lr: float) -> float:
     """Validation, the epoch's summary in the report (rank 0); returns the validation accuracy."""
     rt, ns, state = run.rt, run.ns, run.state
+    watchdog.mark("validation", f"epoch {epoch}")
     t_eval = time.perf_counter()
     x, y = run.dataset.x_train[run.plan.val_idx], run.dataset.y_train[run.plan.val_idx]
     val = evaluate(run.model, x, y, rt, ns.train.eval_batch_size, ns.train.eval_flip)
@@ -310,6 +311,7 @@ def save(run: Run, status: str) -> None:
     """Rank 0 writes the checkpoint, then the report; every rank learns if it failed. Never after a
     non-finite loss: the ranks agree on that first (DivergenceError on every rank)."""
     run.control.check_finite()
+    watchdog.mark("checkpoint", f"epoch {run.state.epoch}")
 
     def write():
         if run.rt.rank != 0:
@@ -491,6 +493,7 @@ def agree(rt: runtime.Runtime, action: Callable) -> Any:
         result = action()
     except FmnistError as e:
         error = e
+    watchdog.mark("waiting for the other ranks", waiting=True)     # not the one the others wait for
     failures = rt.hvd_tf.allgather_object(None if error is None else (type(error).__name__, str(error)))
     failures = [f for f in failures if f]
     if error is not None:

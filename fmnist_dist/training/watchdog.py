@@ -38,18 +38,19 @@ class Progress:
     """What the main thread last did, read by the watchdog thread (plain attributes: atomic enough)."""
 
     def __init__(self):
-        self.phase, self.detail, self.at = "start", "", time.monotonic()
+        self.phase, self.detail, self.at, self.waiting = "start", "", time.monotonic(), False
 
-    def mark(self, phase: str, detail: str = "") -> None:
-        self.phase, self.detail, self.at = phase, detail, time.monotonic()
+    def mark(self, phase: str, detail: str = "", waiting: bool = False) -> None:
+        self.phase, self.detail, self.at, self.waiting = phase, detail, time.monotonic(), waiting
 
 
 PROGRESS = Progress()
 
 
-def mark(phase: str, detail: str = "") -> None:
-    """The main thread moved on (a step, a phase): called often, so it only sets three attributes."""
-    PROGRESS.mark(phase, detail)
+def mark(phase: str, detail: str = "", waiting: bool = False) -> None:
+    """The main thread moved on (a step, a phase); waiting: it now waits for the other ranks in a
+    collective, so it is not the rank that holds them up. Called often: it only sets attributes."""
+    PROGRESS.mark(phase, detail, waiting)
 
 
 class Watchdog:
@@ -150,7 +151,7 @@ class Watchdog:
 
     def own_beat(self, now: float) -> dict:
         return {"rank": self.rank, "host": self.host, "pid": os.getpid(), "phase": PROGRESS.phase,
-                "detail": PROGRESS.detail, "progress_age": now - PROGRESS.at}
+                "detail": PROGRESS.detail, "progress_age": now - PROGRESS.at, "waiting": PROGRESS.waiting}
 
     def _beat(self, now: float) -> None:
         """Ranks > 0 send their own heartbeat; rank 0 sends everyone the whole table."""
@@ -192,9 +193,12 @@ class Watchdog:
                 f"(train.stall_timeout={self.timeout:g}); ending the job, the checkpoints are intact")
 
     def slowest(self, now: float) -> dict:
+        """The rank the others wait for: of those not waiting in a collective, the one whose main
+        thread moved on least recently."""
         beats = [self.own_beat(now)] + [{**b, "progress_age": b["progress_age"] + now - b["received"]}
                                          for b in self.peers.values()]
-        return max(beats, key=lambda b: b["progress_age"])
+        working = [b for b in beats if not b.get("waiting")] or beats
+        return max(working, key=lambda b: b["progress_age"])
 
     def _end_job(self, line: str) -> None:
         sys.stderr.write(f"fmnist-dist: error: {line}\n")
