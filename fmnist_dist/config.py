@@ -100,7 +100,7 @@ SCHEMA: dict[str, Field] = {
                               min=1.0, nullable=True),
     "train.stop_check_steps": Field(10, int, "every N steps the ranks agree whether to stop (signal, time "
                                     "limit); a small allreduce", min=1),
-    "train.stall_timeout": Field(120.0, float, "seconds without progress after which a job whose rank stopped "
+    "train.stall_timeout": Field(90.0, float, "seconds without progress after which a job whose rank stopped "
                                  "responding ends, naming that rank (exit 124); 0 = never", min=0.0),
     "checkpoint.every_steps": Field(0, int, "also checkpoint every N steps inside an epoch; 0 = at epoch ends",
                                     min=0),

@@ -22,7 +22,7 @@ from test_faults import (HOROVODRUN, RANKS, Job, load, need_mpi, processes_of, r
                          wait_for_checkpoint)
 from fmnist_dist.training import checkpoint
 
-STALL = 20                        # train.stall_timeout of these runs (default 120)
+STALL = 20                        # train.stall_timeout of these runs (default 90)
 DEADLINE = STALL + 45             # the watchdog's timeout, its grace and the launcher's teardown
 # Long enough epochs that the stop lands mid-epoch; checkpoints every 10 steps give marks to wait for.
 LONG = ["train.steps_per_epoch=100", "train.batch_size=64", f"train.stall_timeout={STALL}", "checkpoint.every_steps=10"]
