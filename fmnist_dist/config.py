@@ -70,11 +70,21 @@ SCHEMA: dict[str, Field] = {
     "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),
-    "train.batch_size": Field(256, int, "batch size per rank", min=1, max=60000),
+    "train.batch_size": Field(256, int, "batch size per rank; with train.global_batch_size, the batch train.lr "
+                              "is meant for", min=1, max=60000),
+    "train.global_batch_size": Field(None, int, "strong scaling: the global batch, whatever the number of ranks; "
+                                     "each rank takes an equal share (an error if it does not divide). Default: "
+                                     "weak scaling, train.batch_size per rank", min=1, max=60000, nullable=True),
+    "train.simulate_world_size": Field(None, int, "train as this many ranks would, on fewer processes (a "
+                                       "multiple of them): each process carries its share of the ranks' batches, "
+                                       "batch norm normalizes each rank's batch on its own, and the learning-rate "
+                                       "scaling, warm-up and schedule see this world size", min=1, max=4096,
+                                       nullable=True),
     "train.eval_batch_size": Field(1000, int, "batch size for validation and test", min=1, max=60000),
     "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "sgd")),
     "train.lr": Field(1.5e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
-    "train.lr_scaling": Field("linear", str, "how the learning rate grows with the number of ranks",
+    "train.lr_scaling": Field("linear", str, "how the learning rate grows with the global batch (x global "
+                              "batch / train.batch_size: the number of ranks under weak scaling)",
                               choices=("linear", "sqrt", "none")),
     "train.warmup_epochs": Field(1.0, float, "linear warm-up from train.lr to the scaled rate", min=0.0),
     "train.schedule": Field("cosine", str, "learning-rate schedule after warm-up",

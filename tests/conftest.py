@@ -142,7 +142,8 @@ def record(fault: str, **facts) -> None:
 # Modules whose every test starts real processes; elsewhere a test is slow when it is marked, or
 # when it needs the shared real runs.
 SLOW_MODULES = {"test_train", "test_faults", "test_jobs", "test_preflight", "test_setup_user",
-                "test_faults_input", "test_checkpoints", "test_resume", "test_stall", "test_run_dir"}
+                "test_faults_input", "test_checkpoints", "test_resume", "test_stall", "test_run_dir",
+                "test_simulation"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,6 +12,7 @@ import tensorflow as tf
 from .. import cpu
 from .. import data as data_mod
 from ..config import describe_layers
+from ..scaling import plan_batches
 from ..training import runtime
 from ..training.callbacks import StepTimer
 from ..training.model import build_and_compile, flops_per_image
@@ -57,10 +58,11 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
     dataset = data_mod.load_fashion_mnist(ns.data.dir, ns.data.download, ns.data.cache_dir, ns.data.url,
                                           progress=False)
     train_idx, _ = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, t.seed)
-    shard = data_mod.epoch_shard(train_idx, 1, t.seed, rank, world, t.batch_size)
-    batches = make_batches(dataset.x_train[shard], dataset.y_train[shard], t, 1, rank).repeat()
-    steps_per_epoch = data_mod.steps_per_epoch(len(train_idx), world, t.batch_size)
-    model, optimizer, _ = build_and_compile(ns, world, steps_per_epoch, hvd.DistributedOptimizer if hvd else None)
+    split = plan_batches(t, world)
+    shard = data_mod.epoch_shard(train_idx, 1, t.seed, rank, world, split.per_process)
+    batches = make_batches(dataset.x_train[shard], dataset.y_train[shard], t, split.per_process, 1, rank).repeat()
+    steps_per_epoch = data_mod.steps_per_epoch(len(train_idx), world, split.per_process)
+    model, optimizer, _ = build_and_compile(ns, split, steps_per_epoch, hvd.DistributedOptimizer if hvd else None)
     callbacks = []
     if hvd is not None:
         rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
@@ -85,12 +87,12 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
     if rank != 0:
         return None
     slowest = max(r["fit_s"] for r in ranks)
-    images = sum(r["steps"] for r in ranks) * t.batch_size
+    images = sum(r["steps"] for r in ranks) * split.per_process
     fpi = flops_per_image(model)
     keep = ("itex", "onednn_enabled", "horovod_controller", "mixed_precision_policy", "itex_auto_mixed_precision",
             "intra_op_threads")
     return {"images_per_s": images / slowest, "fit_s": slowest, "images": images, "world": world,
-            "batch_size": t.batch_size, "ranks": sorted(ranks, key=lambda r: r["rank"]),
+            "batch_size": split.per_process, "ranks": sorted(ranks, key=lambda r: r["rank"]),
             "environment": {k: environment.get(k) for k in keep},
             "model": {"description": describe_layers(ns.model.layers), "parameters": int(model.count_params()),
                       "flops_per_image": fpi, "train_flops_per_image": 3 * fpi}}

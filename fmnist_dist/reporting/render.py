@@ -14,6 +14,17 @@ def _secs(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f} s"
 
 
+def batch_label(data: dict) -> str:
+    """'global batch 8192 (256/rank, weak scaling)', and the simulated ranks if any."""
+    if "global_batch_size" not in data:
+        return f"batch {data['batch_size_per_rank']}/rank"
+    scaling = data.get("scaling") or {"mode": "weak"}       # reports before strong scaling existed
+    label = f"global batch {data['global_batch_size']} ({data['batch_size_per_rank']}/rank, {scaling['mode']} scaling"
+    if scaling.get("simulated"):
+        label += f", {scaling['world_size']} ranks simulated on {scaling['processes']}"
+    return label + ")"
+
+
 def summary_lines(report: dict) -> list[str]:
     """The short end-of-run summary printed by rank 0 and by `report RUN_DIR`."""
     t, res, w, env = report["timing"], report.get("results", {}), report["world"], report["environment"]
@@ -22,7 +33,7 @@ def summary_lines(report: dict) -> list[str]:
     lines = [
         f"fmnist-dist run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if report.get("error") else ""),
         f"  ranks {w['size']} on {hosts} host{'s' if hosts != 1 else ''} · {env.get('intra_op_threads')} threads/rank"
-        f" · epochs {len(report['epochs'])} · batch {report['data']['batch_size_per_rank']}/rank · {prec}"
+        f" · epochs {len(report['epochs'])} · {batch_label(report['data'])} · {prec}"
         f" · ITEX {'on' if env.get('itex', {}).get('loaded') else 'off'} · oneDNN {'on' if env.get('onednn_enabled') else 'off'}",
         f"  training time {_secs(t.get('training_s'))} · {t.get('images_per_s', 0):.0f} images/s"
         f" · test accuracy {_pct(res.get('test_accuracy'))}"

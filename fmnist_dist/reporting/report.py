@@ -18,8 +18,9 @@ report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and a
              reason, code_version (fmnist-dist version [+g<git commit>] that ran the segment),
              checkpoint_code_version (on a resume: the version that wrote its checkpoint)}]
              (one per start or resume of the run),
-  data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank,
-        global_batch_size},
+  data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank (of one rank,
+        real or simulated), global_batch_size, scaling {mode (weak|strong), processes, world_size,
+        simulated, global_batch_size, batch_size_per_rank, batch_size_per_process, lr_factor}},
   model {layers, description, parameters, trainable_parameters, batch_norm, flops_per_image},
   epochs [{epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, training_s,
            evaluation_s, images_per_s, ranks [{rank, host, data_s, step_s, fit_s, wait_s,

@@ -25,6 +25,7 @@ from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError,
 from ..files import now_iso
 from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
+from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
 from . import checkpoint, environment, rundir, runtime, watchdog
 from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
@@ -54,6 +55,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     # 1. Runtime. [hvd] init; one intra-op pool per rank, sized to its own cores; the precision
     #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
     rt = runtime.start(ns)
+    plan_batches(ns.train, rt.size)               # a batch that does not split fails before any write
     stalled = StallRecord.watch(rt, ns, run_dir)
 
     # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
@@ -67,7 +69,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
 
     # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
     #    DistributedOptimizer averages the gradients of all ranks at every step.
-    model, optimizer, schedule = build_and_compile(ns, rt.size, plan.steps, rt.hvd.DistributedOptimizer)
+    model, optimizer, schedule = build_and_compile(ns, plan.batches, plan.steps, rt.hvd.DistributedOptimizer)
 
     # 4. State: fresh, or rank 0's newest checkpoint. [hvd] weights and optimizer state are
     #    broadcast from rank 0 before the first step, so every rank starts from the same point.
@@ -159,18 +161,20 @@ class EpochPlan:
     way (the segment's skipped_examples), and an epoch that already has this many examples ends."""
     train_idx: np.ndarray
     val_idx: np.ndarray
-    batch: int              # per rank
-    world: int
+    batch: int              # per process
+    world: int              # processes
     steps: int              # per epoch and rank
     epoch_samples: int      # examples one epoch consumes, all ranks together
+    batches: BatchPlan      # weak or strong scaling, and the simulated world size
 
     @classmethod
     def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int) -> "EpochPlan":
+        batches = plan_batches(ns.train, world)
         train_idx, val_idx = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, ns.train.seed)
-        steps = data_mod.steps_per_epoch(len(train_idx), world, ns.train.batch_size)
+        steps = data_mod.steps_per_epoch(len(train_idx), world, batches.per_process)
         if ns.train.steps_per_epoch:
             steps = min(steps, ns.train.steps_per_epoch)
-        return cls(train_idx, val_idx, ns.train.batch_size, world, steps, steps * world * ns.train.batch_size)
+        return cls(train_idx, val_idx, batches.per_process, world, steps, steps * batches.global_batch, batches)
 
     @property
     def global_batch(self) -> int:
@@ -236,7 +240,7 @@ def fit_chunk(run: Run, epoch: int) -> None:
     t_data = time.perf_counter()
     shard = data_mod.epoch_shard(plan.train_idx, epoch, t.seed, rt.rank, plan.world, plan.batch,
                                  start=state.position, max_steps=steps_left)
-    batches = make_batches(run.dataset.x_train[shard], run.dataset.y_train[shard], t, epoch, rt.rank,
+    batches = make_batches(run.dataset.x_train[shard], run.dataset.y_train[shard], t, plan.batch, epoch, rt.rank,
                            first_batch=state.position // per_step)
     data_s = time.perf_counter() - t_data
     t_fit = time.perf_counter()
@@ -437,7 +441,8 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
         "config": run.cfg, "environment": rt.environment, "world": world,
         "data": {"source": run.dataset.source, "train_size": len(plan.train_idx), "val_size": len(plan.val_idx),
                  "test_size": len(run.dataset.y_test), "steps_per_epoch": plan.steps,
-                 "batch_size_per_rank": plan.batch, "global_batch_size": plan.batch * plan.world},
+                 "batch_size_per_rank": plan.batches.per_rank, "global_batch_size": plan.batches.global_batch,
+                 "scaling": plan.batches.describe()},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
                   "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),

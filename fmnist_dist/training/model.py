@@ -8,18 +8,19 @@ import tensorflow as tf
 from .optim import WarmupSchedule, lr_schedule, make_optimizer
 
 from ..data import NUM_CLASSES
+from ..scaling import BatchPlan
 IMAGE_SHAPE = (28, 28, 1)
 
 
-def build_and_compile(ns: Any, world_size: int, steps_per_epoch: int,
+def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int,
                       distributed: Callable | None = None) -> tuple[tf.keras.Model, Any, WarmupSchedule]:
     """The model, its optimizer (wrapped by `distributed`, e.g. hvd.DistributedOptimizer) and the
     learning-rate schedule, compiled and built: what training trains and the benchmark times."""
     tf.keras.utils.set_random_seed(ns.train.seed)      # the same on every rank: the same initial weights
     if ns.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    model = build_model(ns.model.layers, ns.train.seed)
-    schedule = lr_schedule(ns.train, world_size, steps_per_epoch)
+    model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
+    schedule = lr_schedule(ns.train, batches.lr_factor, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule)
     if distributed is not None:
         optimizer = distributed(optimizer)
@@ -29,13 +30,17 @@ def build_and_compile(ns: Any, world_size: int, steps_per_epoch: int,
     return model, optimizer, schedule
 
 
-def build_model(layers: list[dict], seed: int) -> tf.keras.Model:
-    """Stack the configured layers and append the Dense(10) classifier (logits, float32)."""
+def build_model(layers: list[dict], seed: int, ranks_per_process: int = 1) -> tf.keras.Model:
+    """Stack the configured layers and append the Dense(10) classifier (logits, float32).
+    With several (simulated) ranks per process, each trains as its own rank would (SimulatedRanks)."""
     initializer_seed = iter(range(seed * 1000, seed * 1000 + 1000))
-    model = tf.keras.Sequential(name="fmnist_cnn")
+    if ranks_per_process > 1:
+        model = SimulatedRanks(ranks_per_process, name="fmnist_cnn")
+    else:
+        model = tf.keras.Sequential(name="fmnist_cnn")
     model.add(tf.keras.Input(shape=IMAGE_SHAPE))
     for spec in layers:
-        model.add(_make_layer(spec, next(initializer_seed)))
+        model.add(_make_layer(spec, next(initializer_seed), ranks_per_process))
     if not any(spec["type"] == "flatten" for spec in layers):
         model.add(tf.keras.layers.Flatten())
     # Logits stay float32 under a bf16 policy: the softmax/loss is where bf16 would lose accuracy.
@@ -44,7 +49,7 @@ def build_model(layers: list[dict], seed: int) -> tf.keras.Model:
     return model
 
 
-def _make_layer(spec: dict, seed: int) -> tf.keras.layers.Layer:
+def _make_layer(spec: dict, seed: int, ranks_per_process: int) -> tf.keras.layers.Layer:
     kind = spec["type"]
     init = tf.keras.initializers.GlorotUniform(seed)
     if kind == "conv":
@@ -60,11 +65,31 @@ def _make_layer(spec: dict, seed: int) -> tf.keras.layers.Layer:
         return StepDropout(spec["rate"], seed=seed)
     if kind == "batchnorm":
         # 0.9, not Keras' 0.99: the moving statistics used at evaluation then settle within ~50
-        # steps instead of ~500, so short runs evaluate what they trained.
-        return tf.keras.layers.BatchNormalization(momentum=spec["momentum"])
+        # steps instead of ~500, so short runs evaluate what they trained. A process carrying n
+        # simulated ranks updates them n times per step: momentum ** (1/n) keeps that horizon.
+        return tf.keras.layers.BatchNormalization(momentum=spec["momentum"] ** (1 / ranks_per_process))
     if kind == "flatten":
         return tf.keras.layers.Flatten()
     raise ValueError(f"unknown layer type {kind!r}")  # config validation makes this unreachable
+
+
+class SimulatedRanks(tf.keras.Sequential):
+    """A Sequential model whose training step runs the forward pass once per simulated rank, on
+    that rank's share of the process's batch, so batch norm takes each rank's statistics on its
+    own; the loss and its gradient are over the whole batch, as the ranks' averaged gradients are.
+    The rest (evaluation, weights, checkpoints) is the plain Sequential model's."""
+
+    def __init__(self, ranks: int, **kwargs):
+        super().__init__(**kwargs)
+        self.ranks = ranks
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = tf.concat([self(share, training=True) for share in tf.split(x, self.ranks)], axis=0)
+            loss = self.compute_loss(x, y, y_pred)
+        self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+        return self.compute_metrics(x, y, y_pred, None)
 
 
 @tf.keras.utils.register_keras_serializable("fmnist_dist")

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule: scaled by the number of ranks, with a linear warm-up."""
+"""Optimizer and learning-rate schedule: scaled with the global batch, with a linear warm-up."""
 from __future__ import annotations
 
 import math
@@ -31,9 +31,10 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "cosine": self.cosine}
 
 
-def lr_schedule(t, world_size: int, steps_per_epoch: int) -> WarmupSchedule:
-    """From the train section: train.lr scaled by world size (linear, sqrt or none)."""
-    scale = {"linear": world_size, "sqrt": math.sqrt(world_size), "none": 1.0}[t.lr_scaling]
+def lr_schedule(t, lr_factor: float, steps_per_epoch: int) -> WarmupSchedule:
+    """From the train section: train.lr scaled by lr_factor, the global batch over train.batch_size
+    (the world size under weak scaling), linearly, by its square root, or not at all."""
+    scale = {"linear": lr_factor, "sqrt": math.sqrt(lr_factor), "none": 1.0}[t.lr_scaling]
     return WarmupSchedule(t.lr, t.lr * scale, round(t.warmup_epochs * steps_per_epoch),
                           t.epochs * steps_per_epoch, t.schedule == "cosine")
 

@@ -9,10 +9,11 @@ import tensorflow as tf
 from ..data import NUM_CLASSES
 
 
-def make_batches(x: np.ndarray, y: np.ndarray, t: Any, epoch: int, rank: int, first_batch: int = 0) -> tf.data.Dataset:
+def make_batches(x: np.ndarray, y: np.ndarray, t: Any, batch_size: int, epoch: int, rank: int,
+                 first_batch: int = 0) -> tf.data.Dataset:
     """This rank's epoch as batches: uint8 -> float in [0, 1], one-hot labels, optional
     flips/shifts drawn from a seed of (seed, epoch, rank, batch) so a run is reproducible."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(t.batch_size, drop_remainder=True).enumerate()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True).enumerate()
 
     def prepare(i, batch):
         images, labels = batch
