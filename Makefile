@@ -12,11 +12,13 @@ BENCH_ARGS ?=
 SEEDS ?= 1 2 3
 RECIPES ?= default fast seed
 RECIPES_DIR ?= runs/recipes
+SCAN_WORLDS ?= 2 8 32 64
+SCAN_DIR ?= runs/scan
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup setup-test train test test-fast bench recipes docs clean
+.PHONY: setup setup-test train test test-fast bench recipes scan docs clean
 
 setup:
 	@bash scripts/setup.sh run
@@ -58,6 +60,15 @@ recipes: setup
 	    --run-dir $(RECIPES_DIR)/$$r-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
 	$(PY) -m fmnist_dist report '$(RECIPES_DIR)/*' --seeds --format md
+
+# Accuracy against global batch (docs/scaling.md): CONFIG x SEEDS at global batches of SCAN_WORLDS
+# ranks, simulated in one process; then the table. `--format json` of the report makes an accuracy basis.
+scan: setup
+	@for s in $(SEEDS); do for w in $(SCAN_WORLDS); do \
+	  $(PY) -m fmnist_dist train --config $(CONFIG) --set train.simulate_world_size=$$w --set train.seed=$$s \
+	    --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
+	done; done
+	$(PY) -m fmnist_dist report '$(SCAN_DIR)/*' --scan --format md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from . import config as config_mod
 from . import lease
-from .errors import FmnistError, LaunchError, ProjectionError, UsageError
+from .errors import FmnistError, LaunchError, ProjectionError, ReportError, UsageError
 from .training import environment
 
 
@@ -168,7 +168,7 @@ def add_report_arguments(p) -> None:
                    "the seed left out: test accuracy mean, spread and range, mean training time and images/s")
     p.add_argument("--project", action="store_true", help="projected time per epoch and efficiency on more "
                    "nodes, with the model's assumptions, and its validation on the measured sizes")
-    p.add_argument("--nodes", default="4,8,16,64", help="node counts for --project (default 4,8,16,64)")
+    p.add_argument("--nodes", default="1,2,4,8,16,32,64", help="node counts for --project (default 1,2,4,8,16,32,64)")
     p.add_argument("--ranks-per-node", type=int, help="ranks per node for --project (default: as in the base run)")
     p.add_argument("--latency-us", type=float, help="--project: per-hop allreduce latency of your network, µs "
                    "(default: from the allreduce probe, measured on the run's ranks)")
@@ -176,6 +176,12 @@ def add_report_arguments(p) -> None:
                    "(default: from the allreduce probe)")
     p.add_argument("--latency-model", choices=("ring", "tree"), default="ring",
                    help="--project: latency hops of the allreduce: ring 2(p-1) (default) or tree 2 log2(p)")
+    p.add_argument("--target", type=float, default=0.92, help="--project, --scan: the accuracy to reach (default 0.92)")
+    p.add_argument("--basis", default=None, help="--project: the accuracy-vs-global-batch basis (a `--scan "
+                   "--format json` output; default: the one the package ships, docs/scaling.md); none: leave "
+                   "accuracy out")
+    p.add_argument("--scan", action="store_true", help="several runs of one recipe at several global batches: "
+                   "test accuracy against global batch (mean, spread, epochs to --target); json: an accuracy basis")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -194,14 +200,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"--nodes {args.nodes}: expected node counts such as 4,8,16,64") from None
     latency = args.latency_us * 1e-6 if args.latency_us is not None else None
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs is not None else None
-    if len(paths) == 1:
+    if not 0 < args.target <= 1:
+        raise UsageError(f"--target {args.target}: expected an accuracy in (0, 1], such as 0.92")
+    accuracy = accuracy_basis(args) if args.project else None
+    if len(paths) == 1 and not args.scan:
         report = report_mod.load_report(paths[0])   # unreadable: ReportError, exit 2
         proj = None
         if args.project:
             try:
                 proj = projection.project(report, nodes=nodes, ranks_per_node=args.ranks_per_node,
                                           latency_s=latency, bandwidth_Bps=bandwidth,
-                                          latency_model=args.latency_model)
+                                          latency_model=args.latency_model, accuracy=accuracy)
             except ProjectionError as e:
                 raise ProjectionError(f"{paths[0]}: cannot project: {e}") from None
         if args.format == "json":
@@ -226,11 +235,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.seeds:
         print(seed_summary(loaded, "md" if args.format == "md" else "text"))
         return 0
+    if args.scan:
+        return print_scan(loaded, args)
     rows = compare_rows(loaded)
     projs, vals, problems = [], [], []
     if args.project:
         projs, vals, problems = projections(loaded, rows, nodes, args.ranks_per_node, latency, bandwidth,
-                                            args.latency_model)
+                                            args.latency_model, accuracy)
     if args.format == "json":
         data = json.loads(render(rows, "json"))
         if args.project:
@@ -257,6 +268,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         reports = {p: r for p, r, _ in loaded if r is not None}
         written = plots.plot_comparison(rows, reports, args.plots, projs)
         print("plots: " + ", ".join(written), file=sys.stderr)
+    return 0
+
+
+def accuracy_basis(args: argparse.Namespace) -> dict | None:
+    """--project's accuracy basis: {points of its recipe, recipe, target}, or None with --basis none."""
+    from .reporting import basis
+
+    if args.basis == "none":
+        return None
+    loaded = basis.load(args.basis or basis.BASIS_FILE)
+    points = basis.recipe_points(loaded)
+    return {"points": points, "recipe": points[0]["recipe"], "target": args.target}
+
+
+def print_scan(loaded: list, args: argparse.Namespace) -> int:
+    """--scan: the accuracy-vs-global-batch table, or (json) an accuracy basis with its command."""
+    from .reporting import basis
+
+    points = basis.scan_points(loaded)
+    if not points:
+        raise ReportError("--scan: no completed run among the runs given")
+    if args.format == "json":
+        head = {"schema": basis.SCAN_SCHEMA, "command": " ".join(["fmnist-dist report", *sys.argv[2:]]),
+                "default_recipe": points[0]["recipe_key"]}
+        print(json.dumps(head)[:-1] + ', "points": [\n' + ",\n".join(json.dumps(p) for p in points) + "\n]}")
+    else:
+        print(basis.render(points, args.target, "md" if args.format == "md" else "text"))
     return 0
 
 

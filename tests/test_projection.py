@@ -59,8 +59,14 @@ def test_report_project_prints_assumptions_and_validation(runs):
     assert "Projected scaling of default from run" in out and "Assumptions:" in out
     assert "ring allreduce: 2(p-1) latency hops + 2(p-1)/p x bytes / link bandwidth" in out
     assert "Validation: projected 2 ranks from run" in out and "stated ±" in out
-    for nodes in ("4", "8", "16", "64"):
+    for nodes in ("1", "2", "4", "8", "16", "32", "64"):
         assert any(line.split()[:1] == [nodes] for line in out.splitlines())
+    # time to accuracy from the shipped basis; the base run's 1 rank of 128 lies below it
+    assert "Time to accuracy:" in out and "accuracy basis: the lean recipe's scan" in out
+    one_node = next(line for line in out.splitlines() if line.split()[:2] == ["1", "1"])
+    assert one_node.split()[9:11] == ["128", "unmeasured"]
+    assert "Time to accuracy:" not in cli("report", str(runs["one"]), str(runs["two"]), "--project",
+                                          "--basis", "none").stdout
     data = json.loads(cli("report", str(runs["one"]), str(runs["two"]), "--project", "--format", "json").stdout)
     assert len(data["projections"]) == 1 and len(data["validations"]) == 1
     # a 1-rank run alone has no allreduce to project with: refused with the reason, or given numbers

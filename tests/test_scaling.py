@@ -43,3 +43,55 @@ def test_a_simulated_world_that_is_not_a_multiple_of_the_processes_is_an_error()
     assert "train.simulate_world_size=3" in str(e.value) and "2 or 4" in str(e.value)
     with pytest.raises(ConfigError):
         plan_batches(train(simulate=1), 2)                  # fewer than the processes
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy basis and the time-to-accuracy arithmetic (reporting.basis, projection)
+
+from fmnist_dist.reporting import basis as basis_mod  # noqa: E402
+from fmnist_dist.reporting.projection import add_time_to_accuracy  # noqa: E402
+
+
+def point(global_batch: int, accuracies: list[float], reached: list[int | None], epochs: int = 18) -> dict:
+    """A scan point whose seeds' validation accuracy crosses 0.92 at the given epochs (None: never)."""
+    curves = [[0.95 if r is not None and e >= r else 0.90 for e in range(1, epochs + 1)] for r in reached]
+    return {"recipe": "lean", "recipe_key": "k", "lr_scaling": "linear", "warmup_epochs": 0.3,
+            "global_batch": global_batch, "epochs": epochs,
+            "seeds": list(range(1, len(accuracies) + 1)), "test_accuracy": accuracies, "val_curves": curves}
+
+
+POINTS = [point(512, [0.93, 0.93, 0.93], [8, 10, 9]), point(2048, [0.91, 0.91, 0.91], [14, 16, 15]),
+          point(8192, [0.85, 0.86, 0.84], [None, None, None])]
+
+
+def test_the_basis_interpolates_in_log2_of_the_global_batch_and_takes_the_slowest_seed():
+    e = basis_mod.expect(POINTS, 1024, 0.92)
+    assert e["within"] and e["basis"] == [512, 2048]
+    assert e["accuracy_mean"] == pytest.approx(0.92)        # halfway between 512 and 2048 in log2
+    assert e["epochs_to_target"] == 13                        # ceil(10 + 0.5 x (16 - 10))
+    assert basis_mod.expect(POINTS, 2048, 0.92)["epochs_to_target"] == 16
+    assert basis_mod.expect(POINTS, 4096, 0.92)["epochs_to_target"] is None   # 8192 never reaches it
+
+
+def test_outside_the_basis_nothing_is_claimed_and_a_launch_is_warned():
+    e = basis_mod.expect(POINTS, 16384, 0.92)
+    assert not e["within"] and e["accuracy_mean"] is None and e["epochs_to_target"] is None
+    line = basis_mod.warning(POINTS, 16384, "lean")
+    assert "global batch 16384 lies outside the measured accuracy basis (512–8192" in line and "85.00%" in line
+    assert "below 92%" in basis_mod.warning(POINTS, 8192, "lean")
+    assert basis_mod.warning(POINTS, 512, "lean") is None
+    assert basis_mod.warning(POINTS, 256, "lean") is None     # below: the regime the recipes were tuned in
+    assert "not measured" in basis_mod.launch_check(64)["note"]
+
+
+def test_time_to_accuracy_is_epochs_times_seconds_per_epoch_and_names_where_more_nodes_stop_helping():
+    rows = [{"nodes": n, "ranks": 2 * n, "epoch_s": 100.0 / n} for n in (1, 2, 4, 8, 16)]
+    proj = {"base": {"batch": 256}, "rows": rows}
+    add_time_to_accuracy(proj, {"points": POINTS, "recipe": "lean", "target": 0.92})
+    by_nodes = {r["nodes"]: r for r in proj["rows"]}
+    assert by_nodes[1]["global_batch"] == 512 and by_nodes[1]["time_to_target_s"] == pytest.approx(10 * 100.0)
+    assert by_nodes[4]["global_batch"] == 2048 and by_nodes[4]["time_to_target_s"] == pytest.approx(16 * 25.0)
+    assert by_nodes[8]["time_to_target_s"] is None                  # 4096: not reached in the basis
+    assert by_nodes[16]["within_basis"] is True and by_nodes[16]["time_to_target_s"] is None
+    assert proj["accuracy"]["fastest_nodes"] == 4
+    assert "after 4 nodes" in proj["accuracy"]["lines"][-1]

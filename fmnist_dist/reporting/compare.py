@@ -277,7 +277,8 @@ def rows_from_json(text: str) -> list[dict]:
 
 
 def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[dict], nodes, ranks_per_node=None,
-                latency_s=None, bandwidth_Bps=None, latency_model="ring") -> tuple[list[dict], list[dict], list[str]]:
+                latency_s=None, bandwidth_Bps=None, latency_model="ring",
+                accuracy: dict | None = None) -> tuple[list[dict], list[dict], list[str]]:
     """Per recipe: a projection from its smallest completed run (communication from its largest
     multi-rank run), and a validation of every larger measured run. Returns (projections,
     validations, problems)."""
@@ -297,7 +298,7 @@ def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[di
         try:
             proj = projection.project(reports[base["path"]], reports[comm_src["path"]] if comm_src else None,
                                       nodes=nodes, ranks_per_node=ranks_per_node, latency_s=latency_s,
-                                      bandwidth_Bps=bandwidth_Bps, latency_model=latency_model)
+                                      bandwidth_Bps=bandwidth_Bps, latency_model=latency_model, accuracy=accuracy)
             proj["recipe"] = base["recipe"]
             projs.append(proj)
         except projection.ProjectionError as e:

@@ -39,7 +39,7 @@ import statistics
 
 from ..errors import ProjectionError
 
-NODES = (4, 8, 16, 64)
+NODES = (1, 2, 4, 8, 16, 32, 64)
 ERROR_FLOOR = 0.15
 # A validation compares like with like only if the target's threads did not wait for a core much
 # more than the base's (cpu_wait_share, from the scheduler): else the node was oversubscribed.
@@ -57,6 +57,11 @@ def measure(report: dict) -> dict:
     epochs = steady_epochs(report)
     if not epochs:
         raise ProjectionError(f"run {report['run_id']} has no finished epoch to project from")
+    scaling = report["data"].get("scaling") or {}
+    if scaling.get("simulated"):
+        raise ProjectionError(f"run {report['run_id']} simulated {scaling['world_size']} ranks on "
+                              f"{scaling['processes']} process(es): its time per step is not one rank's; project "
+                              "from a run of real ranks")
     compute, comm, epoch_s, data_s, steps, spreads, waits = [], [], [], [], [], [], []
     for e in epochs:
         shares = [r["cpu_wait_share"] for r in e["ranks"] if r.get("cpu_wait_share") is not None]
@@ -162,8 +167,10 @@ def stated_error(base: dict) -> float:
 
 def project(base_report: dict, comm_report: dict | None = None, nodes=NODES, ranks_per_node: int | None = None,
             latency_s: float | None = None, bandwidth_Bps: float | None = None,
-            latency_model: str = "ring") -> dict:
-    """Projection table for `nodes` nodes of `ranks_per_node` ranks each (default: as in the base run)."""
+            latency_model: str = "ring", accuracy: dict | None = None) -> dict:
+    """Projection table for `nodes` nodes of `ranks_per_node` ranks each (default: as in the base run).
+    With `accuracy` ({"points": a recipe's points of the accuracy basis, "recipe", "target"}), each
+    row also gets the accuracy expected at its global batch and the time to the target."""
     base = measure(base_report)
     source = measure(comm_report) if comm_report is not None else (base if base["ranks"] > 1 else None)
     cm = comm_model(source, latency_s, bandwidth_Bps, latency_model)
@@ -186,8 +193,48 @@ def project(base_report: dict, comm_report: dict | None = None, nodes=NODES, ran
             row["speedup"] = row["images_per_s"] / ref_ips if ref_ips > 0 else None
             row["efficiency"] = row["speedup"] / (p / base["ranks"]) if row["speedup"] is not None else None
         rows.append(row)
-    return {"recipe": None, "base": base, "comm": cm, "ranks_per_node": rpn, "rows": rows,
+    proj = {"recipe": None, "base": base, "comm": cm, "ranks_per_node": rpn, "rows": rows,
             "stated_error": stated_error(base), "assumptions": assumptions(base, cm, rpn)}
+    if accuracy is not None:
+        add_time_to_accuracy(proj, accuracy)
+    return proj
+
+
+def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
+    """Per row: the global batch (weak scaling), the accuracy the basis expects there, the epochs to
+    the target (the slowest seed) and so the time; and the node count after which more nodes no
+    longer shorten that time."""
+    from . import basis
+
+    points, target, batch = accuracy["points"], accuracy["target"], proj["base"]["batch"]
+    for row in proj["rows"]:
+        g = row["ranks"] * batch
+        e = basis.expect(points, g, target)
+        row.update(global_batch=g, expected_accuracy=e["accuracy_mean"], expected_accuracy_sd=e["accuracy_sd"],
+                   epochs_to_target=e["epochs_to_target"], within_basis=e["within"],
+                   time_to_target_s=(e["epochs_to_target"] * row["epoch_s"]
+                                     if e["epochs_to_target"] is not None and row.get("epoch_s") else None))
+    timed = [r for r in proj["rows"] if r["time_to_target_s"] is not None]
+    best = min(timed, key=lambda r: r["time_to_target_s"]) if timed else None
+    lo, hi = basis.measured_range(points)
+    proj["accuracy"] = {
+        "recipe": accuracy["recipe"], "target": target, "measured": [lo, hi],
+        "fastest_nodes": best["nodes"] if best else None,
+        "fastest_time_s": best["time_to_target_s"] if best else None,
+        "lines": [
+            f"accuracy basis: the {accuracy['recipe']} recipe's scan ({len(points)} global batches, {lo}–{hi}, "
+            f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
+            f"lr_scaling {points[0]['lr_scaling']}; reporting/accuracy_basis.json); interpolated in log2(global "
+            "batch) between measured points, nothing claimed outside them",
+            f"epochs to {target:.0%}: the first epoch at which every seed's validation accuracy reached it, in the "
+            f"scan's {points[0]['epochs']}-epoch schedule (a shorter schedule decays sooner, so this is an upper "
+            "bound for it); time to target = those epochs x the projected s/epoch (start-up and evaluation excluded)",
+            (f"more nodes stop shortening the time to {target:.0%} after {best['nodes']} node{'s' if best['nodes'] != 1 else ''} "
+             f"({best['time_to_target_s']:.0f} s): beyond, the global batch needs more epochs than the nodes save, "
+             f"or the basis does not reach {target:.0%} there" if best else
+             f"no node count reaches {target:.0%} within the basis"),
+        ],
+    }
 
 
 def validate(base_report: dict, target_report: dict, latency_model: str = "ring") -> dict:
@@ -282,8 +329,19 @@ def render(proj: dict, fmt: str = "text") -> list[str]:
     rows = [[str(r["nodes"]), str(r["ranks"]), str(r["steps"]), f"{1e3 * r['compute_step_s']:.1f}",
              f"{1e3 * r['comm_step_s']:.1f}", _f(r["epoch_s"], "{:.2f}"), _f(r["images_per_s"], "{:.0f}"),
              _f(r["speedup"], "{:.2f}x"), _f(r["efficiency"], "{:.0%}")] for r in proj["rows"]]
+    acc = proj.get("accuracy")
+    if acc:
+        head += ["global batch", "acc expected", f"epochs to {acc['target']:.0%}", f"s to {acc['target']:.0%}"]
+        for row, r in zip(rows, proj["rows"]):
+            expected = (f"{r['expected_accuracy']:.2%} ±{r['expected_accuracy_sd']:.2%}"
+                        if r["expected_accuracy"] is not None else "unmeasured")
+            row += [str(r["global_batch"]), expected,
+                    _f(r["epochs_to_target"], "{}") if r["within_basis"] else "unmeasured",
+                    _f(r["time_to_target_s"], "{:.0f}")]
     lines = [title if fmt != "md" else f"### {title}", ""]
     lines += _table(head, rows, fmt)
+    if acc:
+        lines += ["", "Time to accuracy:"] + [("- " if fmt == "md" else "  - ") + a for a in acc["lines"]]
     lines += ["", "Assumptions:", ""] if fmt == "md" else ["", "Assumptions:"]
     lines += [("- " if fmt == "md" else "  - ") + a for a in proj["assumptions"]]
     return lines

@@ -40,6 +40,9 @@ def summary_lines(report: dict) -> list[str]:
         + (f" ({res['test_correct']}/{res['test_total']})" if res.get("test_total") else "")
         + f" · validation {_pct(res.get('val_accuracy'))}",
     ]
+    scale_warning = ((report["data"].get("scaling") or {}).get("accuracy_basis") or {}).get("warning")
+    if scale_warning:
+        lines.append(f"  warning: {scale_warning}")
     if res.get("eval_flip"):
         lines.append(f"  evaluated on each image and its mirror image (train.eval_flip); the images alone: "
                      f"test accuracy {_pct(res.get('test_accuracy_one_view'))}")

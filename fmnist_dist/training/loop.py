@@ -23,6 +23,7 @@ from .. import lease, preflight
 from ..config import describe_layers
 from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError, ReportWriteError, RunDirError
 from ..files import now_iso
+from ..reporting import basis
 from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
@@ -442,7 +443,7 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
         "data": {"source": run.dataset.source, "train_size": len(plan.train_idx), "val_size": len(plan.val_idx),
                  "test_size": len(run.dataset.y_test), "steps_per_epoch": plan.steps,
                  "batch_size_per_rank": plan.batches.per_rank, "global_batch_size": plan.batches.global_batch,
-                 "scaling": plan.batches.describe()},
+                 "scaling": {**plan.batches.describe(), "accuracy_basis": basis.launch_check(plan.batches.global_batch)}},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
                   "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
@@ -451,6 +452,9 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
         "segments": state.segments + [segment], "epochs": state.epochs, "timing": {}, "results": {},
         "preflight": preflight.read(run.run_dir) if rt.rank == 0 else None,
     }
+    scale_warning = report["data"]["scaling"]["accuracy_basis"]["warning"]
+    if scale_warning and rt.rank == 0:
+        print(f"fmnist-dist: warning: {scale_warning}", file=sys.stderr, flush=True)
     return report, segment
 
 
