@@ -95,3 +95,16 @@ def test_time_to_accuracy_is_epochs_times_seconds_per_epoch_and_names_where_more
     assert by_nodes[16]["within_basis"] is True and by_nodes[16]["time_to_target_s"] is None
     assert proj["accuracy"]["fastest_nodes"] == 4
     assert "after 4 nodes" in proj["accuracy"]["lines"][-1]
+
+
+def test_the_summary_says_the_split_and_the_warning():
+    from fmnist_dist.reporting.render import summary_lines
+
+    scaling = {**plan_batches(train(simulate=64), 1).describe(),
+               "accuracy_basis": basis_mod.launch_check(16384)}
+    report = {"run_id": "r", "status": "completed", "timing": {}, "results": {}, "epochs": [],
+              "world": {"size": 1, "hosts": {"h": [0]}}, "environment": {},
+              "data": {"batch_size_per_rank": 256, "global_batch_size": 16384, "scaling": scaling}}
+    text = "\n".join(summary_lines(report))
+    assert "global batch 16384 (256/rank, weak scaling, 64 ranks simulated on 1)" in text
+    assert "warning: at global batch 16384 the lean recipe measured about 56.15% test accuracy" in text
