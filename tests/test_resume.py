@@ -214,12 +214,13 @@ def expected_resume(old_ranks: int, new_ranks: int, steps_before: int) -> dict:
 
 @pytest.mark.parametrize("old_ranks, new_ranks", [(1, 2), (2, 1)])
 def test_resume_on_another_rank_count(runs, tmp_path, old_ranks, new_ranks):
-    """At the end of epoch 1, one step before it, and mid-epoch (1 -> 2: positions of 23 and 10 steps
-    of 64, the first not a whole number of global batches of 128; 2 -> 1: 23 steps of 128 are more
-    than the 1-rank epoch of 24 x 64, 10 leave 4 steps)."""
+    """One step before the end of epoch 1, and mid-epoch (1 -> 2: positions of 23 and 10 steps of 64,
+    the first not a whole number of global batches of 128; 2 -> 1: 23 steps of 128 are more than the
+    1-rank epoch of 24 x 64, 10 leave 4 steps). A resume at an epoch's end, epoch 2 from its start,
+    is the plain case: left out to keep the suite's time."""
     source = runs.get("interrupted", old_ranks)["run_dir"]
     reference = runs.get("reference", new_ranks)["report"]
-    for steps_before in (STEPS, STEPS - 1, MID_EPOCH_STOP):
+    for steps_before in (STEPS - 1, MID_EPOCH_STOP):
         run_dir = tmp_path / f"from-{steps_before}"
         branch(source, steps_before * global_batch(old_ranks), run_dir)
         finish(start(new_ranks, run_dir, "--resume", str(run_dir)), run_dir, 0)
@@ -230,9 +231,6 @@ def test_resume_on_another_rank_count(runs, tmp_path, old_ranks, new_ranks):
         epoch2 = report["epochs"][1]
         assert [r["steps"] for r in epoch2["ranks"]] == [STEPS] * new_ranks
         assert epoch2["lr"] == reference["epochs"][1]["lr"], "the schedule is off"
-        if steps_before == STEPS:                     # the epoch-end checkpoint: epoch 2 from its start
-            assert (segment["start_epoch"], segment["start_position"], segment["start_step"]) == (2, 0, STEPS)
-            continue
         want = expected_resume(old_ranks, new_ranks, steps_before)
         assert (segment["start_epoch"], segment["start_position"]) == (1, want["position"])
         assert (segment["start_step"], segment["skipped_examples"]) == (want["start_step"], want["skipped"])
