@@ -80,8 +80,11 @@ SCHEMA: dict[str, Field] = {
                                        "batch norm normalizes each rank's batch on its own, and the learning-rate "
                                        "scaling, warm-up and schedule see this world size", min=1, max=4096,
                                        nullable=True),
+    "train.large_batch_from": Field(4096, int, "from this global batch on, the large-batch recipe: Adam and "
+                                    "AdamW become LAMB (layer-wise trust ratio) and the warm-up lasts at least 5 "
+                                    "epochs (docs/scaling.md); null: never", min=1, nullable=True),
     "train.eval_batch_size": Field(1000, int, "batch size for validation and test", min=1, max=60000),
-    "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "sgd")),
+    "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "lamb", "sgd")),
     "train.lr": Field(1.5e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
     "train.lr_scaling": Field("linear", str, "how the learning rate grows with the global batch (x global "
                               "batch / train.batch_size: the number of ranks under weak scaling)",
@@ -90,7 +93,7 @@ SCHEMA: dict[str, Field] = {
     "train.schedule": Field("cosine", str, "learning-rate schedule after warm-up",
                             choices=("constant", "cosine")),
     "train.momentum": Field(0.9, float, "SGD momentum", min=0.0, max=1.0),
-    "train.weight_decay": Field(0.0, float, "decoupled weight decay (adamw, sgd)", min=0.0),
+    "train.weight_decay": Field(0.0, float, "weight decay (adamw, sgd: decoupled; lamb: within the layer-wise step)", min=0.0),
     "train.label_smoothing": Field(0.1, float, "label smoothing", min=0.0, max=0.5),
     "train.augment_flip": Field(True, bool, "random horizontal flips"),
     "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),

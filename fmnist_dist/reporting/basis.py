@@ -36,10 +36,15 @@ def scan_points(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict]
         seed = train.get("seed")
         for key in SCAN_KEYS:
             train.pop(key.split(".", 1)[1], None)
-        key = (config_name(report), recipe_key(cfg), report["data"]["global_batch_size"], len(report["epochs"]))
+        # What the global batch made of the train section (the large-batch recipe); older reports: train as given.
+        made = {k: v for k, v in (report["data"].get("scaling") or {}).items()
+                if k in ("recipe", "optimizer", "warmup_epochs")}
+        train.update({k: v for k, v in made.items() if k != "recipe"})
+        key = (config_name(report), recipe_key(cfg), report["data"]["global_batch_size"], len(report["epochs"]),
+               made.get("recipe", "standard"))
         groups.setdefault(key, []).append({"seed": seed, "report": report, "train": train})
     points = []
-    for (name, rkey, global_batch, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (name, rkey, global_batch, epochs, _), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         runs.sort(key=lambda r: r["seed"] or 0)
         t = runs[0]["train"]
         points.append({
@@ -138,21 +143,22 @@ def warning(points: list[dict], global_batch: int, recipe: str, target: float = 
 
 def render(points: list[dict], target: float, fmt: str = "text") -> str:
     """The accuracy-vs-global-batch table."""
-    head = ["recipe", "lr scaling", "warm-up epochs", "global batch", "epochs", "seeds", "test acc mean", "± sd",
-            "min–max", f"epochs to {target:.0%} val"]
+    head = ["recipe", "optimizer", "lr scaling", "warm-up epochs", "global batch", "epochs", "seeds",
+            "test acc mean", "± sd", "min–max", f"epochs to {target:.0%} val"]
     rows = []
     for p in points:
         s = point_summary(p, target)
         per_seed = s["epochs_to_target_per_seed"]
-        rows.append([p["recipe"], str(p["lr_scaling"]), f"{p['warmup_epochs']:g}", str(p["global_batch"]), str(p["epochs"]),
+        rows.append([p["recipe"], str(p["optimizer"]), str(p["lr_scaling"]), f"{p['warmup_epochs']:g}",
+                     str(p["global_batch"]), str(p["epochs"]),
                      ",".join(str(x) for x in p["seeds"]), f"{s['accuracy_mean']:.2%}", f"{s['accuracy_sd']:.2%}",
                      f"{s['accuracy_min']:.2%}–{s['accuracy_max']:.2%}",
                      "/".join("—" if x is None else str(x) for x in per_seed)])
     if fmt == "md":
-        return "\n".join(["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+        return "\n".join(["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
                          + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in [head, *rows])
 
 

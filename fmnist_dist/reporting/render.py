@@ -22,6 +22,8 @@ def batch_label(data: dict) -> str:
     label = f"global batch {data['global_batch_size']} ({data['batch_size_per_rank']}/rank, {scaling['mode']} scaling"
     if scaling.get("simulated"):
         label += f", {scaling['world_size']} ranks simulated on {scaling['processes']}"
+    if scaling.get("recipe") == "large-batch":
+        label += f", large-batch recipe: {scaling['optimizer']}, {scaling['warmup_epochs']:g}-epoch warm-up"
     return label + ")"
 
 

@@ -28,7 +28,7 @@ from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
-from . import checkpoint, environment, rundir, runtime, watchdog
+from . import checkpoint, environment, optim, rundir, runtime, watchdog
 from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
 from .model import build_and_compile, flops_per_image
 from .pipeline import evaluate, make_batches
@@ -443,7 +443,7 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
         "data": {"source": run.dataset.source, "train_size": len(plan.train_idx), "val_size": len(plan.val_idx),
                  "test_size": len(run.dataset.y_test), "steps_per_epoch": plan.steps,
                  "batch_size_per_rank": plan.batches.per_rank, "global_batch_size": plan.batches.global_batch,
-                 "scaling": {**plan.batches.describe(), "accuracy_basis": basis.launch_check(plan.batches.global_batch)}},
+                 "scaling": {**plan.batches.describe(), **optim.recipe(ns.train, plan.batches), "accuracy_basis": basis.launch_check(plan.batches.global_batch)}},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
                   "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),

@@ -20,8 +20,8 @@ def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int,
     if ns.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
-    schedule = lr_schedule(ns.train, batches.lr_factor, steps_per_epoch)
-    optimizer = make_optimizer(ns.train, schedule)
+    schedule = lr_schedule(ns.train, batches, steps_per_epoch)
+    optimizer = make_optimizer(ns.train, schedule, batches)
     if distributed is not None:
         optimizer = distributed(optimizer)
     loss = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ns.train.label_smoothing)

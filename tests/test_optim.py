@@ -1,0 +1,70 @@
+"""The optimizer and learning-rate schedule (fmnist_dist.training.optim): LAMB's layer-wise step,
+and the large-batch recipe that the global batch switches on. Real TensorFlow, no training."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from fmnist_dist import config as config_mod
+from fmnist_dist.scaling import plan_batches
+
+tf = pytest.importorskip("tensorflow")
+from fmnist_dist.training import optim  # noqa: E402  (after TensorFlow, as the training imports it)
+
+
+def train_section(**overrides) -> types.SimpleNamespace:
+    cfg = config_mod.load(None, [f"train.{k}={v}" for k, v in overrides.items()])
+    return config_mod.namespace(cfg).train
+
+
+@pytest.mark.parametrize("world, large", [(2, False), (8, False), (16, True), (32, True)])
+def test_the_large_batch_recipe_starts_at_train_large_batch_from(world, large):
+    t = train_section(simulate_world_size=world)                # 256 per rank: 512 ... 8192
+    batches = plan_batches(vars(t), 1)
+    assert batches.large is large
+    record = optim.recipe(t, batches)
+    if large:
+        assert record == {"recipe": "large-batch", "optimizer": "lamb", "warmup_epochs": 5.0}
+    else:
+        assert record == {"recipe": "standard", "optimizer": "adam", "warmup_epochs": t.warmup_epochs}
+
+
+def test_the_large_batch_recipe_can_be_turned_off_and_leaves_sgd_alone():
+    t = train_section(simulate_world_size=32, large_batch_from="null")
+    assert optim.recipe(t, plan_batches(vars(t), 1))["recipe"] == "standard"
+    t = train_section(simulate_world_size=32, optimizer="sgd")
+    assert optim.recipe(t, plan_batches(vars(t), 1)) == {"recipe": "large-batch", "optimizer": "sgd",
+                                                          "warmup_epochs": 5.0}
+
+
+def test_the_large_batch_warm_up_is_counted_in_epochs_of_the_large_batch():
+    t = train_section(simulate_world_size=32)                   # 8192: 6 steps per epoch of 55,000
+    schedule = optim.lr_schedule(t, plan_batches(vars(t), 1), steps_per_epoch=6)
+    assert schedule.warmup_steps == 30 and schedule.peak_lr == pytest.approx(t.lr * 32)
+    assert float(schedule(0)) == pytest.approx(t.lr) and float(schedule(30)) == pytest.approx(t.lr * 32)
+
+
+def test_lamb_moves_each_layer_by_the_rate_times_its_own_norm():
+    """Two weight matrices a thousandfold apart in scale, the same gradient: Adam moves both by the
+    same amount; LAMB moves each by lr x its norm. A zero vector (a fresh bias) takes Adam's step."""
+    rng = np.random.default_rng(0)
+    big = tf.Variable(rng.normal(size=(8, 4)).astype("float32") * 10)
+    small = tf.Variable(rng.normal(size=(8, 4)).astype("float32") / 100)
+    bias = tf.Variable(np.zeros(4, "float32"))
+    grads = [tf.constant(rng.normal(size=(8, 4)).astype("float32")) for _ in range(2)] + [tf.ones(4)]
+    before = [v.numpy().copy() for v in (big, small, bias)]
+    lr = 0.01
+    optim.Lamb(lr).apply_gradients(zip(grads, [big, small, bias]))
+    for var, old in zip((big, small), before):
+        moved = np.linalg.norm(var.numpy() - old) / np.linalg.norm(old)
+        assert moved == pytest.approx(lr, rel=1e-4)
+    np.testing.assert_allclose(bias.numpy(), -lr * np.ones(4), rtol=1e-4)   # Adam's first step: lr x sign
+
+
+def test_lamb_survives_the_config_round_trip_horovod_makes():
+    """hvd.DistributedOptimizer rebuilds the optimizer from its class and config."""
+    original = optim.Lamb(optim.WarmupSchedule(1e-3, 3.2e-2, 30, 120, True), lamb_weight_decay=0.01)
+    rebuilt = optim.Lamb.from_config(original.get_config())
+    assert rebuilt.lamb_weight_decay == 0.01 and float(rebuilt.learning_rate) == pytest.approx(1e-3)
