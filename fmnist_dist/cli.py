@@ -1,4 +1,4 @@
-"""Command line: `python -m fmnist_dist {train,preflight,report,launch-plan,bench} ...` (also the
+"""Command line: `python -m fmnist_dist {train,preflight,report,launch-plan,bench,race} ...` (also the
 `fmnist-dist` console script). Every subcommand is defined here; the work is done by the package's
 modules, imported when their command runs (`report` and `launch-plan` never load TensorFlow).
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     add_launch_parser(sub)      # `launch-plan`: used by jobs/train.pbs and jobs/train.slurm
     add_bench_parser(sub)       # `bench`: side-by-side throughput of the speed options
+    add_race_parser(sub)        # `race`: time to 92%, the project's recipe against a plain Keras peer
     return parser
 
 
@@ -374,6 +375,55 @@ def add_bench_parser(sub) -> None:
                    help="give up waiting for a quiet machine after this many seconds (default 300; quick 0)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a launch is killed (default 900)")
     p.set_defaults(func=cmd_bench)
+
+
+def add_race_parser(sub) -> None:
+    p = sub.add_parser("race", help="time to a test accuracy: the project's recipe against a plain Keras peer",
+                       description="Per seed, train a plain Keras script of the original study's kind (one "
+                       "process, TensorFlow's defaults) until its test accuracy reaches --target, and the "
+                       "project's recipe on --np ranks; alternate their order; print the time to target of "
+                       "each (training and wall seconds) and the ratio. Writes OUT/race.json and OUT/race.md.")
+    p.add_argument("--config", default="configs/fast.yaml", help="the project's recipe (default configs/fast.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the project's recipe (repeatable)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--target", type=float, default=0.92, help="test accuracy to reach (default 0.92)")
+    p.add_argument("--np", type=int, default=2, help="ranks of the project's run (default 2, as make train)")
+    p.add_argument("--peer-max-epochs", type=int, default=30, help="the peer gives up after this many epochs")
+    p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: one seed, 20 steps of one epoch on each side (the target is not reached)")
+    p.add_argument("--out", default=None, help="output directory (default runs/race-<time>)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before a launch is killed (default 3600)")
+    p.set_defaults(func=cmd_race)
+
+
+def cmd_race(args: argparse.Namespace) -> int:
+    from .bench.race import markdown, run_race
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not 0 < args.target <= 1:
+        raise UsageError(f"--target {args.target}: expected a test accuracy in (0, 1], e.g. 0.92")
+    if args.np < 1 or args.peer_max_epochs < 1:
+        raise UsageError("--np and --peer-max-epochs must be at least 1")
+    overrides = list(args.overrides)
+    config_mod.load(args.config, overrides)                # a bad recipe fails here, before any launch
+    if args.quick:
+        seeds = seeds[:1]
+        overrides += ["train.epochs=1", "train.steps_per_epoch=20"]
+    settings = {"config": args.config, "overrides": overrides, "seeds": seeds, "target": args.target,
+                "np": args.np, "peer_max_epochs": 1 if args.quick else args.peer_max_epochs,
+                "peer_steps": 20 if args.quick else None, "data_dir": args.data_dir, "timeout": args.timeout}
+    out = args.out or os.path.join("runs", f"race-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    result = run_race(settings, out)
+    print()
+    print(markdown(result))
+    print(f"race: {os.path.join(out, 'race.json')}, {os.path.join(out, 'race.md')}, logs in {os.path.join(out, 'logs')}")
+    failed = [r for r in result["results"] for side in ("peer", "project") if r[side]["error"]]
+    return 1 if failed else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -115,3 +115,46 @@ def test_bench_skips_what_this_cpu_cannot_run(tmp_path):
     assert f"bench: skipped hvd-1x2-keras-bf16: {reason}" in proc.stdout
     assert "ISA AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), native bf16 no" in proc.stdout
     assert result["variants"][0]["median"] > 0
+
+
+@pytest.mark.slow
+def test_quick_race_runs_both_sides_and_writes_its_outputs(tmp_path):
+    """`race --quick`: the plain Keras peer and the project's recipe on 2 ranks, 20 steps each; the
+    target is out of reach, so neither side has a time to target and no ratio is claimed."""
+    out = tmp_path / "race"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "race", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "race.json").read_text())
+    assert result["schema"] == "fmnist-dist/race" and result["seeds"] == [1] and result["finished"]
+    (entry,) = result["results"]
+    assert entry["order"] == ["peer", "project"]                       # odd seeds: the peer first
+    for side in ("peer", "project"):
+        s = entry[side]
+        assert s["error"] is None and s["epochs"] == 1 and 0 < s["test_accuracy"] < 0.92, s
+        assert s["training_s"] > 0 and s["wall_s"] > s["training_s"] and s["reached"] is False
+        assert (out / s["log"]).exists()
+    assert entry["ratio_training"] is None and result["summary"]["ratio_training_median"] is None
+    assert "--steps-per-epoch 20" in entry["peer"]["command"] and "horovodrun --gloo -np 2" in entry["project"]["command"]
+    md = (out / "race.md").read_text()
+    assert "| seed | peer epochs |" in md and "missed" in md
+    assert "race: seed 1 peer: missed" in proc.stdout and "| seed | peer epochs |" in proc.stdout
+
+
+def test_race_ratio_is_peer_over_project_and_needs_both_to_reach():
+    from fmnist_dist.bench import race
+
+    def side(reached, training_s, wall_s):
+        return {"reached": reached, "training_s": training_s, "wall_s": wall_s}
+    entry = {"peer": side(True, 300.0, 330.0), "project": side(True, 100.0, 150.0)}
+    assert race.ratio(entry, "training_s") == 3.0 and race.ratio(entry, "wall_s") == 2.2
+    entry["project"]["reached"] = False
+    assert race.ratio(entry, "training_s") is None
+    results = [{"peer": side(True, 300.0, 330.0), "project": side(True, 100.0, 150.0), "ratio_training": 3.0,
+                "ratio_wall": 2.2},
+               {"peer": side(True, 200.0, 230.0), "project": side(False, 100.0, 150.0), "ratio_training": None,
+                "ratio_wall": None}]
+    s = race.summarize(results)
+    assert s["every_seed_reached"] is False and s["project_reached"] == 1 and s["ratio_training_median"] == 3.0

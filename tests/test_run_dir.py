@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PYTHON, SHORT_CONFIG, record, run_env
+from conftest import PYTHON, SHORT_CONFIG, record
 from test_faults import Job, load, newest_checkpoint, rank_pids, resume, run, train, wait_for_checkpoint
 from fmnist_dist import lease
 

@@ -7,7 +7,6 @@ differs by far more. Short real runs: 4 epochs of 8 steps, global batch 512.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -130,17 +130,7 @@ def run_launch(spec: dict, name: str, v: Variant, rep: int, out: str, timeout: f
     cmd = launch_command(v, os.path.abspath(spec_path))
     load1 = _loadavg()[0]
     cpu0, ours0, t0 = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
-    error = None
-    with open(log_path, "w", encoding="utf-8") as logf:
-        logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-        logf.flush()
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=logf, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
-            if proc.returncode != 0:
-                error = f"exit {proc.returncode}: {_last_line(log_path)}"
-        except subprocess.TimeoutExpired:
-            error = f"killed after the {timeout:g} s timeout"
+    error = run_logged(cmd, log_path, timeout)
     seconds = time.perf_counter() - t0
     cpu1, ours1 = _cpu_busy_s(), _children_cpu_s()
     other = max(0.0, (cpu1 - cpu0) - (ours1 - ours0)) / (seconds * (os.cpu_count() or 1)) if seconds > 0 else None
@@ -158,6 +148,20 @@ def run_launch(spec: dict, name: str, v: Variant, rep: int, out: str, timeout: f
     if os.path.exists(result_path):
         os.unlink(result_path)
     return launch
+
+
+def run_logged(cmd: list[str], log_path: str, timeout: float) -> str | None:
+    """Run cmd from the project directory, its output (after the command line) in log_path; the
+    error in a few words, or None."""
+    with open(log_path, "w", encoding="utf-8") as logf:
+        logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        logf.flush()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=logf, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"killed after the {timeout:g} s timeout"
+    return f"exit {proc.returncode}: {_last_line(log_path)}" if proc.returncode else None
 
 
 def wait_for_quiet(threshold: float, max_wait: float, log=print) -> tuple[list[float], float]:

@@ -1,0 +1,190 @@
+"""`fmnist-dist race`: time to a test accuracy, the project's recipe against a plain Keras peer.
+
+Per seed, two real processes on this machine, one after the other, the order alternating with
+the seed (peer first on odd seeds) so that a slow minute does not always hit the same side:
+- the peer (bench/peer.py): one process of plain Keras, TensorFlow's defaults, evaluating the test
+  set after each epoch until it reaches the target (or gives up after --peer-max-epochs);
+- the project: `horovodrun --gloo -np N python -m fmnist_dist train` with the given config (the
+  fast recipe by default) and the seed, as `make train` runs it; its test accuracy is the report's.
+Both use every core of the machine. Time to target: training seconds (the peer: its fit calls up to
+the epoch that reached the target; the project: the report's training time, whose recipe ends at
+its last epoch) and wall seconds (process start to exit, start-up and evaluation included).
+The ratio is peer / project, per seed, and its median; a side that missed the target has no time.
+
+Outputs: a table on stdout, OUT/race.json (schema below), OUT/race.md, OUT/logs/.
+race.json (schema "fmnist-dist/race", version 1): started, finished, command, host, machine, target,
+config_file, overrides, seeds, results [{seed, order, peer {reached, epochs, test_accuracy,
+training_s, wall_s, log, error}, project {... plus precision, images_per_s, run_dir}, ratio_training,
+ratio_wall}], summary {every_seed_reached, ratio_training_median, ratio_wall_median, ...}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+
+from ..files import atomic_write, now_iso
+from .render import machine_line
+from .run import machine_info, run_logged
+
+SCHEMA = "fmnist-dist/race"
+SCHEMA_VERSION = 1
+
+
+def run_race(settings: dict, out: str, log=print) -> dict:
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    machine = machine_info()
+    result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": now_iso(), "finished": None,
+              "command": " ".join(shlex.quote(a) for a in sys.argv), "host": socket.gethostname(),
+              "machine": machine, "target": settings["target"], "config_file": settings["config"],
+              "overrides": settings["overrides"], "seeds": settings["seeds"], "results": [], "summary": None}
+    log(f"race on {machine_line(machine)}: to {settings['target']:.0%} test accuracy, seeds "
+        f"{', '.join(map(str, settings['seeds']))}")
+    for seed in settings["seeds"]:
+        order = ("peer", "project") if seed % 2 else ("project", "peer")
+        entry = {"seed": seed, "order": list(order)}
+        for side in order:
+            entry[side] = (run_peer if side == "peer" else run_project)(settings, seed, out)
+            log(f"race: seed {seed} {side}: {describe_side(entry[side])}")
+        entry["ratio_training"] = ratio(entry, "training_s")
+        entry["ratio_wall"] = ratio(entry, "wall_s")
+        result["results"].append(entry)
+        write_json(out, result)
+    result["summary"] = summarize(result["results"])
+    result["finished"] = now_iso()
+    write_json(out, result)
+    with open(os.path.join(out, "race.md"), "w", encoding="utf-8") as f:
+        f.write(markdown(result) + "\n")
+    return result
+
+
+def run_peer(settings: dict, seed: int, out: str) -> dict:
+    cmd = [sys.executable, "-m", "fmnist_dist.bench.peer", "--seed", str(seed), "--target", str(settings["target"]),
+           "--max-epochs", str(settings["peer_max_epochs"])]
+    if settings.get("peer_steps"):
+        cmd += ["--steps-per-epoch", str(settings["peer_steps"])]
+    if settings.get("data_dir"):
+        cmd += ["--data-dir", settings["data_dir"]]
+    side, log_path = launch(cmd, out, f"seed{seed}-peer", settings["timeout"])
+    epochs = [json.loads(line) for line in read_lines(log_path) if line.startswith('{"epoch"')]
+    reached = next((e for e in epochs if e["test_accuracy"] >= settings["target"]), None)
+    last = reached or (epochs[-1] if epochs else None)
+    side.update(reached=reached is not None, epochs=last and last["epoch"],
+                test_accuracy=last and last["test_accuracy"], training_s=last and last["training_s"])
+    if side["error"] is None and not epochs:
+        side["error"] = f"no epoch reported; see {log_path}"
+    return side
+
+
+def run_project(settings: dict, seed: int, out: str) -> dict:
+    run_dir = os.path.abspath(os.path.join(out, f"seed{seed}-project"))
+    train = [sys.executable, "-m", "fmnist_dist", "train", "--config", settings["config"],
+             "--set", f"train.seed={seed}", *(a for o in settings["overrides"] for a in ("--set", o)),
+             "--run-dir", run_dir, "--overwrite"]
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    cmd = [horovodrun, "--gloo", "-np", str(settings["np"]), *train] if settings["np"] > 1 else train
+    side, log_path = launch(cmd, out, f"seed{seed}-project", settings["timeout"])
+    side["run_dir"] = run_dir
+    try:
+        with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        side.update(reached=False, error=side["error"] or f"no report ({e}); see {log_path}")
+        return side
+    accuracy = report["results"].get("test_accuracy")
+    side.update(reached=accuracy is not None and accuracy >= settings["target"], epochs=len(report["epochs"]),
+                test_accuracy=accuracy, training_s=report["timing"].get("training_s"),
+                images_per_s=report["timing"].get("images_per_s"),
+                precision=report["segments"][0].get("precision"))
+    return side
+
+
+def launch(cmd: list[str], out: str, name: str, timeout: float) -> tuple[dict, str]:
+    log_path = os.path.join(out, "logs", f"{name}.log")
+    t0 = time.perf_counter()
+    error = run_logged(cmd, log_path, timeout)
+    side = {"command": " ".join(shlex.quote(c) for c in cmd), "wall_s": time.perf_counter() - t0,
+            "log": os.path.relpath(log_path, out), "error": error, "reached": False, "epochs": None,
+            "test_accuracy": None, "training_s": None}
+    return side, log_path
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f]
+
+
+def ratio(entry: dict, key: str) -> float | None:
+    """Peer over project: how many times faster the project reached the target."""
+    peer, project = entry["peer"], entry["project"]
+    if not (peer["reached"] and project["reached"]) or not project[key]:
+        return None
+    return peer[key] / project[key]
+
+
+def summarize(results: list[dict]) -> dict:
+    both = [r for r in results if r["ratio_training"] is not None]
+
+    def median(values):
+        return statistics.median(values) if values else None
+    return {"every_seed_reached": all(r["peer"]["reached"] and r["project"]["reached"] for r in results),
+            "project_reached": sum(r["project"]["reached"] for r in results),
+            "peer_reached": sum(r["peer"]["reached"] for r in results), "seeds": len(results),
+            "ratio_training_median": median([r["ratio_training"] for r in both]),
+            "ratio_wall_median": median([r["ratio_wall"] for r in both]),
+            "ratio_training_min": min((r["ratio_training"] for r in both), default=None)}
+
+
+def describe_side(side: dict) -> str:
+    acc = "—" if side["test_accuracy"] is None else f"{side['test_accuracy']:.2%}"
+    train = "—" if side["training_s"] is None else f"{side['training_s']:.1f} s"
+    state = "reached" if side["reached"] else "missed"
+    return (f"{state} ({acc} after {side['epochs']} epochs), training {train}, wall {side['wall_s']:.1f} s"
+            + (f"; error: {side['error']}" if side["error"] else ""))
+
+
+def markdown(result: dict) -> str:
+    target = f"{result['target']:.0%}"
+    lines = [f"Race to {target} test accuracy on {machine_line(result['machine'])} "
+             f"({result['started'][:10]}; `{result['command']}`)", "",
+             "| seed | peer epochs | peer test acc | peer training s | peer wall s | project precision | "
+             "project epochs | project test acc | project training s | project wall s | ratio training | ratio wall |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        p, q = r["peer"], r["project"]
+        lines.append("| " + " | ".join([
+            str(r["seed"]), _n(p["epochs"]), _pct(p), _s(p["training_s"], p["reached"]), _s(p["wall_s"], p["reached"]),
+            str(q.get("precision") or "—"), _n(q["epochs"]), _pct(q), _s(q["training_s"], q["reached"]),
+            _s(q["wall_s"], q["reached"]), _x(r["ratio_training"]), _x(r["ratio_wall"])]) + " |")
+    s = result["summary"] or {}
+    if s:
+        lines += ["", f"Median ratio (peer / project): training {_x(s['ratio_training_median'])}, wall "
+                  f"{_x(s['ratio_wall_median'])}; reached {target}: project {s['project_reached']}/{s['seeds']}, "
+                  f"peer {s['peer_reached']}/{s['seeds']} seeds."]
+    return "\n".join(lines)
+
+
+def _n(value) -> str:
+    return "—" if value is None else str(value)
+
+
+def _pct(side: dict) -> str:
+    return "—" if side["test_accuracy"] is None else f"{side['test_accuracy']:.2%}"
+
+
+def _s(seconds, reached: bool) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds:.1f}" if reached else f"({seconds:.1f}, missed)"
+
+
+def _x(value) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def write_json(out: str, result: dict) -> None:
+    atomic_write(os.path.join(out, "race.json"), json.dumps(result, indent=2) + "\n")
