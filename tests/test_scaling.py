@@ -107,4 +107,28 @@ def test_the_summary_says_the_split_and_the_warning():
               "data": {"batch_size_per_rank": 256, "global_batch_size": 16384, "scaling": scaling}}
     text = "\n".join(summary_lines(report))
     assert "global batch 16384 (256/rank, weak scaling, 64 ranks simulated on 1)" in text
-    assert "warning: at global batch 16384 the lean recipe measured about 56.15% test accuracy" in text
+    assert "warning: at global batch 16384 the lean recipe measured about 85.84% test accuracy" in text
+
+
+def scan_report(global_batch: int, seed: int, scaling: dict) -> dict:
+    return {"status": "completed", "environment": {"argv": ["train", "--config", "configs/lean.yaml"]},
+            "config": {"train": {"seed": seed, "simulate_world_size": global_batch // 256, "lr": 0.001,
+                                 "optimizer": "adam", "warmup_epochs": 0.3}},
+            "data": {"global_batch_size": global_batch, "scaling": scaling},
+            "epochs": [{"val_accuracy": 0.9}, {"val_accuracy": 0.91}], "results": {"test_accuracy": 0.9 + seed / 1000},
+            "segments": [{"precision": "fp32"}]}
+
+
+def test_a_scan_keeps_one_recipe_across_the_switch_to_the_large_batch_recipe():
+    large = {"recipe": "large-batch", "optimizer": "lamb", "warmup_epochs": 5.0}
+    loaded = [(f"r{g}-{s}", scan_report(g, s, large if g >= 4096 else {"recipe": "standard"}), None)
+              for g in (2048, 8192) for s in (2, 1)]
+    points = basis_mod.scan_points(loaded)
+    assert [(p["global_batch"], p["scaling_recipe"], p["optimizer"], p["warmup_epochs"], p["seeds"]) for p in points] == [
+        (2048, "standard", "adam", 0.3, [1, 2]), (8192, "large-batch", "lamb", 5.0, [1, 2])]
+    assert len({p["recipe_key"] for p in points}) == 1          # what the user configured, whatever the job chose
+    assert basis_mod.recipe_points({"points": points}) == points
+    # the same batch scanned under both recipes is ambiguous: refused, with the batch
+    loaded.append(("r8192-3", scan_report(8192, 3, {"recipe": "standard"}), None))
+    with pytest.raises(basis_mod.ReportError, match=r"two points .* global batch \(\[8192\]\)"):
+        basis_mod.recipe_points({"points": basis_mod.scan_points(loaded)})

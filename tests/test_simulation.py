@@ -78,7 +78,8 @@ def test_simulated_ranks_train_as_the_real_ones(runs):
     real, simulated = runs["real 2"], runs["2 on 1"]
     assert {k: v for k, v in simulated["data"]["scaling"].items() if k != "accuracy_basis"} == {
         "mode": "weak", "processes": 1, "world_size": 2, "simulated": True, "global_batch_size": 512,
-        "batch_size_per_rank": 256, "batch_size_per_process": 512, "lr_factor": 2.0}
+        "batch_size_per_rank": 256, "batch_size_per_process": 512, "lr_factor": 2.0,
+        "recipe": "standard", "optimizer": "adam", "warmup_epochs": 0.3}
     assert real["data"]["scaling"]["simulated"] is False
     assert simulated["segments"][0]["peak_lr"] == real["segments"][0]["peak_lr"] == pytest.approx(0.002)
     assert worst_gap(simulated, real) < AGREE, (losses(simulated), losses(real))

@@ -36,20 +36,21 @@ def scan_points(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict]
         seed = train.get("seed")
         for key in SCAN_KEYS:
             train.pop(key.split(".", 1)[1], None)
-        # What the global batch made of the train section (the large-batch recipe); older reports: train as given.
+        # The recipe is the config as given; what the global batch made of it (the large-batch recipe,
+        # chosen by the job) belongs to the point. Older reports: train as given.
         made = {k: v for k, v in (report["data"].get("scaling") or {}).items()
                 if k in ("recipe", "optimizer", "warmup_epochs")}
-        train.update({k: v for k, v in made.items() if k != "recipe"})
         key = (config_name(report), recipe_key(cfg), report["data"]["global_batch_size"], len(report["epochs"]),
                made.get("recipe", "standard"))
+        train = {**train, **{k: v for k, v in made.items() if k != "recipe"}}
         groups.setdefault(key, []).append({"seed": seed, "report": report, "train": train})
     points = []
-    for (name, rkey, global_batch, epochs, _), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (name, rkey, global_batch, epochs, scaling_recipe), runs in sorted(groups.items(), key=lambda kv: kv[0]):
         runs.sort(key=lambda r: r["seed"] or 0)
         t = runs[0]["train"]
         points.append({
             "recipe": name, "recipe_key": rkey, "lr_scaling": t.get("lr_scaling"), "lr": t.get("lr"),
-            "warmup_epochs": t.get("warmup_epochs"), "optimizer": t.get("optimizer"),
+            "warmup_epochs": t.get("warmup_epochs"), "optimizer": t.get("optimizer"), "scaling_recipe": scaling_recipe,
             "global_batch": global_batch, "epochs": epochs, "seeds": [r["seed"] for r in runs],
             "test_accuracy": [r["report"]["results"]["test_accuracy"] for r in runs],
             "val_curves": [[round(e["val_accuracy"], 5) for e in r["report"]["epochs"]] for r in runs],
@@ -75,6 +76,10 @@ def recipe_points(basis: dict, recipe_key: str | None = None) -> list[dict]:
     if not points:
         raise ReportError(f"the accuracy basis has no recipe {key!r} (it has: "
                           f"{', '.join(sorted({p['recipe_key'] for p in basis['points']}))})")
+    batches = [p["global_batch"] for p in points]
+    if len(set(batches)) < len(batches):
+        raise ReportError(f"the accuracy basis has two points of recipe {key!r} at one global batch "
+                          f"({sorted(b for b in set(batches) if batches.count(b) > 1)}): scan one setting per batch")
     return points
 
 

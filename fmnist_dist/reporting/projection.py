@@ -200,6 +200,18 @@ def project(base_report: dict, comm_report: dict | None = None, nodes=NODES, ran
     return proj
 
 
+def optimizers(points: list[dict]) -> str:
+    """Which optimizer and warm-up the job used at which global batches of the basis."""
+    runs: list[list] = []
+    for p in points:
+        setting = f"{p.get('optimizer')} with a {p.get('warmup_epochs'):g}-epoch warm-up"
+        if runs and runs[-1][0] == setting:
+            runs[-1][2] = p["global_batch"]
+        else:
+            runs.append([setting, p["global_batch"], p["global_batch"]])
+    return ", ".join(f"{s} at {lo}" + (f"–{hi}" if hi != lo else "") for s, lo, hi in runs)
+
+
 def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
     """Per row: the global batch (weak scaling), the accuracy the basis expects there, the epochs to
     the target (the slowest seed) and so the time; and the node count after which more nodes no
@@ -224,7 +236,8 @@ def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
         "lines": [
             f"accuracy basis: the {accuracy['recipe']} recipe's scan ({len(points)} global batches, {lo}–{hi}, "
             f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
-            f"lr_scaling {points[0]['lr_scaling']}; reporting/accuracy_basis.json); interpolated in log2(global "
+            f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; reporting/accuracy_basis.json); "
+            "interpolated in log2(global "
             "batch) between measured points, nothing claimed outside them",
             f"epochs to {target:.0%}: the first epoch at which every seed's validation accuracy reached it, in the "
             f"scan's {points[0]['epochs']}-epoch schedule (a shorter schedule decays sooner, so this is an upper "
