@@ -147,7 +147,7 @@ def test_race_ratio_is_peer_over_project_and_needs_both_to_reach():
     from fmnist_dist.bench import race
 
     def side(reached, training_s, wall_s):
-        return {"reached": reached, "training_s": training_s, "wall_s": wall_s}
+        return {"reached": reached, "training_s": training_s, "wall_s": wall_s, "error": None}
     entry = {"peer": side(True, 300.0, 330.0), "project": side(True, 100.0, 150.0)}
     assert race.ratio(entry, "training_s") == 3.0 and race.ratio(entry, "wall_s") == 2.2
     entry["project"]["reached"] = False
@@ -158,3 +158,14 @@ def test_race_ratio_is_peer_over_project_and_needs_both_to_reach():
                 "ratio_wall": None}]
     s = race.summarize(results)
     assert s["every_seed_reached"] is False and s["project_reached"] == 1 and s["ratio_training_median"] == 3.0
+    # a peer that gave up short of the target while the project reached it: a lower bound, not a ratio
+    entry = {"peer": side(False, 290.0, 315.0), "project": side(True, 125.0, 150.0)}
+    assert race.ratio(entry, "training_s") is None and race.ratio_bound(entry, "training_s") == pytest.approx(2.32)
+    entry["peer"]["error"] = "killed"
+    assert race.ratio_bound(entry, "training_s") is None                      # a crash bounds nothing
+    entry["peer"]["error"], entry["project"]["reached"] = None, False
+    assert race.ratio_bound(entry, "training_s") is None
+    bounded = {"peer": side(False, 290.0, 315.0), "project": side(True, 125.0, 150.0), "ratio_training": None,
+               "ratio_wall": None, "ratio_training_at_least": 2.32, "ratio_wall_at_least": 2.1}
+    assert race.summarize([*results, bounded])["ratio_training_at_least"] == 2.32
+    assert race._x(None, 2.32) == "> 2.32x" and race._x(3.0) == "3.00x" and race._x(None) == "—"

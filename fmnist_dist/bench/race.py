@@ -9,13 +9,16 @@ the seed (peer first on odd seeds) so that a slow minute does not always hit the
 Both use every core of the machine. Time to target: training seconds (the peer: its fit calls up to
 the epoch that reached the target; the project: the report's training time, whose recipe ends at
 its last epoch) and wall seconds (process start to exit, start-up and evaluation included).
-The ratio is peer / project, per seed, and its median; a side that missed the target has no time.
+The ratio is peer / project, per seed, and its median; a side that missed the target has no time,
+except that a peer giving up after --peer-max-epochs while the project reached the target bounds the
+ratio from below (its time to target is longer than all it trained): shown as "> R".
 
 Outputs: a table on stdout, OUT/race.json (schema below), OUT/race.md, OUT/logs/.
 race.json (schema "fmnist-dist/race", version 1): started, finished, command, host, machine, target,
-config_file, overrides, seeds, results [{seed, order, peer {reached, epochs, test_accuracy,
-training_s, wall_s, log, error}, project {... plus precision, images_per_s, run_dir}, ratio_training,
-ratio_wall}], summary {every_seed_reached, ratio_training_median, ratio_wall_median, ...}.
+config_file, overrides, seeds, peer_max_epochs, results [{seed, order, peer {reached, epochs,
+test_accuracy, best_test_accuracy, training_s, wall_s, log, error}, project {... plus precision, images_per_s, run_dir},
+ratio_training, ratio_wall, ratio_training_at_least, ratio_wall_at_least}], summary
+{every_seed_reached, ratio_training_median, ratio_wall_median, ratio_training_at_least, ...}.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import time
 
 from ..files import atomic_write, now_iso
 from .render import machine_line
-from .run import machine_info, run_logged
+from .run import command_line, machine_info, run_logged
 
 SCHEMA = "fmnist-dist/race"
 SCHEMA_VERSION = 1
@@ -39,9 +42,10 @@ def run_race(settings: dict, out: str, log=print) -> dict:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     machine = machine_info()
     result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": now_iso(), "finished": None,
-              "command": " ".join(shlex.quote(a) for a in sys.argv), "host": socket.gethostname(),
+              "command": command_line(), "host": socket.gethostname(),
               "machine": machine, "target": settings["target"], "config_file": settings["config"],
-              "overrides": settings["overrides"], "seeds": settings["seeds"], "results": [], "summary": None}
+              "overrides": settings["overrides"], "seeds": settings["seeds"],
+              "peer_max_epochs": settings["peer_max_epochs"], "results": [], "summary": None}
     log(f"race on {machine_line(machine)}: to {settings['target']:.0%} test accuracy, seeds "
         f"{', '.join(map(str, settings['seeds']))}")
     for seed in settings["seeds"]:
@@ -50,8 +54,9 @@ def run_race(settings: dict, out: str, log=print) -> dict:
         for side in order:
             entry[side] = (run_peer if side == "peer" else run_project)(settings, seed, out)
             log(f"race: seed {seed} {side}: {describe_side(entry[side])}")
-        entry["ratio_training"] = ratio(entry, "training_s")
-        entry["ratio_wall"] = ratio(entry, "wall_s")
+        for key in ("training", "wall"):
+            entry[f"ratio_{key}"] = ratio(entry, f"{key}_s")
+            entry[f"ratio_{key}_at_least"] = ratio_bound(entry, f"{key}_s")
         result["results"].append(entry)
         write_json(out, result)
     result["summary"] = summarize(result["results"])
@@ -74,7 +79,8 @@ def run_peer(settings: dict, seed: int, out: str) -> dict:
     reached = next((e for e in epochs if e["test_accuracy"] >= settings["target"]), None)
     last = reached or (epochs[-1] if epochs else None)
     side.update(reached=reached is not None, epochs=last and last["epoch"],
-                test_accuracy=last and last["test_accuracy"], training_s=last and last["training_s"])
+                test_accuracy=last and last["test_accuracy"], training_s=last and last["training_s"],
+                best_test_accuracy=max((e["test_accuracy"] for e in epochs), default=None))
     if side["error"] is None and not epochs:
         side["error"] = f"no epoch reported; see {log_path}"
     return side
@@ -126,6 +132,15 @@ def ratio(entry: dict, key: str) -> float | None:
     return peer[key] / project[key]
 
 
+def ratio_bound(entry: dict, key: str) -> float | None:
+    """Where the peer gave up without reaching the target and the project reached it: the peer's
+    time to target is longer than all it trained, so the ratio is at least that over the project's."""
+    peer, project = entry["peer"], entry["project"]
+    if peer["reached"] or peer["error"] or not project["reached"] or not (peer[key] and project[key]):
+        return None
+    return peer[key] / project[key]
+
+
 def summarize(results: list[dict]) -> dict:
     both = [r for r in results if r["ratio_training"] is not None]
 
@@ -136,7 +151,9 @@ def summarize(results: list[dict]) -> dict:
             "peer_reached": sum(r["peer"]["reached"] for r in results), "seeds": len(results),
             "ratio_training_median": median([r["ratio_training"] for r in both]),
             "ratio_wall_median": median([r["ratio_wall"] for r in both]),
-            "ratio_training_min": min((r["ratio_training"] for r in both), default=None)}
+            "ratio_training_min": min((r["ratio_training"] for r in both), default=None),
+            "ratio_training_at_least": min((r["ratio_training_at_least"] for r in results
+                                            if r.get("ratio_training_at_least") is not None), default=None)}
 
 
 def describe_side(side: dict) -> str:
@@ -157,14 +174,19 @@ def markdown(result: dict) -> str:
     for r in result["results"]:
         p, q = r["peer"], r["project"]
         lines.append("| " + " | ".join([
-            str(r["seed"]), _n(p["epochs"]), _pct(p), _s(p["training_s"], p["reached"]), _s(p["wall_s"], p["reached"]),
+            str(r["seed"]), _n(p["epochs"]), _pct(p) + _best(p), _s(p["training_s"], p["reached"]), _s(p["wall_s"], p["reached"]),
             str(q.get("precision") or "—"), _n(q["epochs"]), _pct(q), _s(q["training_s"], q["reached"]),
-            _s(q["wall_s"], q["reached"]), _x(r["ratio_training"]), _x(r["ratio_wall"])]) + " |")
+            _s(q["wall_s"], q["reached"]), _x(r["ratio_training"], r.get("ratio_training_at_least")),
+            _x(r["ratio_wall"], r.get("ratio_wall_at_least"))]) + " |")
     s = result["summary"] or {}
     if s:
         lines += ["", f"Median ratio (peer / project): training {_x(s['ratio_training_median'])}, wall "
                   f"{_x(s['ratio_wall_median'])}; reached {target}: project {s['project_reached']}/{s['seeds']}, "
                   f"peer {s['peer_reached']}/{s['seeds']} seeds."]
+        if s.get("ratio_training_at_least") is not None:
+            lines.append(f"Where the peer gave up short of {target} (after {result.get('peer_max_epochs', 'its')} "
+                         f"epochs) the ratio is a lower bound (>): training at least "
+                         f"{s['ratio_training_at_least']:.2f}x.")
     return "\n".join(lines)
 
 
@@ -176,13 +198,20 @@ def _pct(side: dict) -> str:
     return "—" if side["test_accuracy"] is None else f"{side['test_accuracy']:.2%}"
 
 
+def _best(side: dict) -> str:
+    best = side.get("best_test_accuracy")
+    return "" if side["reached"] or best is None else f" (best {best:.2%})"
+
+
 def _s(seconds, reached: bool) -> str:
     if seconds is None:
         return "—"
     return f"{seconds:.1f}" if reached else f"({seconds:.1f}, missed)"
 
 
-def _x(value) -> str:
+def _x(value, at_least=None) -> str:
+    if value is None and at_least is not None:
+        return f"> {at_least:.2f}x"
     return "—" if value is None else f"{value:.2f}x"
 
 

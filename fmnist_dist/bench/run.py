@@ -36,7 +36,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
         f.write(config_mod.dump(cfg))
     result = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": started, "finished": None,
-        "command": " ".join(shlex.quote(a) for a in sys.argv), "quick": quick, "host": socket.gethostname(),
+        "command": command_line(), "quick": quick, "host": socket.gethostname(),
         "machine": machine, "config_file": config_path, "overrides": overrides, "config": cfg,
         "settings": settings, "model": None,
         "load": {"before": load_before, "waited_s": waited, "quiet_load": quiet_load},
@@ -148,6 +148,11 @@ def run_launch(spec: dict, name: str, v: Variant, rep: int, out: str, timeout: f
     if os.path.exists(result_path):
         os.unlink(result_path)
     return launch
+
+
+def command_line() -> str:
+    """This invocation as a user would type it (`python -m fmnist_dist` shows its __main__.py)."""
+    return " ".join(["fmnist-dist", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def run_logged(cmd: list[str], log_path: str, timeout: float) -> str | None:
