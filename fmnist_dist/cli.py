@@ -368,6 +368,9 @@ def add_bench_parser(sub) -> None:
                    help="tiny smoke run: a plain-Keras process and 2 Horovod ranks; 1 repetition, a few steps, "
                    "small peak probe")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak probe")
+    p.add_argument("--layers", action="store_true",
+                   help="also profile each layer (forward + backward, one thread, per native precision) "
+                   "against one thread's matmul peak; with --variants none, only that")
     p.add_argument("--out", default=None, help="output directory (default runs/bench-<time>)")
     p.add_argument("--quiet-load", type=float, default=1.0,
                    help="before starting, wait until the 1-minute load average is at most this (default 1.0)")
@@ -447,6 +450,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides.append("train.batch_size=64")
     cfg = config_mod.load(config_path, overrides)
     names = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if quick else [v.name for v in VARIANTS])
+    if names == ["none"]:
+        if not args.layers:
+            raise UsageError("--variants none: nothing to run; add --layers, or name variants (see --list)")
+        names = []
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
     if unknown:
         raise UsageError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(v.name for v in VARIANTS)}")
@@ -459,6 +466,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "peak": not args.no_peak,
         "peak_n": 512 if quick else 2048,
         "peak_calls": 3 if quick else 8,
+        "layers": args.layers,
+        "layer_calls": 3 if quick else 10,
         "timeout": args.timeout,
     }
     out = args.out or os.path.join("runs", f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -472,4 +481,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(md)
     print(f"bench: {os.path.join(out, 'bench.json')}, {os.path.join(out, 'bench.md')}, logs in {os.path.join(out, 'logs')}")
     failed = [v["name"] for v in result["variants"] if v["median"] is None]
-    return 1 if failed and len(failed) == len(result["variants"]) else 0
+    layers_failed = [la for la in result["launches"] if la["variant"].startswith("layers-") and not la["ok"]]
+    return 1 if (failed and len(failed) == len(result["variants"])) or layers_failed else 0

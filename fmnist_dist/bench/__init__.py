@@ -21,6 +21,11 @@ start of every repetition; the best rate seen is the measured peak. Training FLO
 3 x the model's forward FLOPs per image (`model.flops_per_image`; backward ~ 2x forward), compared
 with the peak of the variant's precision.
 
+Layers (`--layers`): where a step's time goes. One process per precision the CPU runs natively,
+with one thread (as each rank of the 2-rank default), times each layer alone, forward and backward
+at the benchmark's batch, and the whole step the same way; a layer's GFLOP/s is compared with the
+matmul peak of that one thread, measured in the same process.
+
 Outputs: a table on stdout, OUT/bench.json (schema below), OUT/bench.md (Markdown tables, also
 printed), OUT/logs/ (every launch's output).
 
@@ -34,5 +39,7 @@ images_per_s [per rep, null if failed], median, min, max, spread, gflops, peak_f
 vs_baseline, environment (of the first good launch)}], skipped [{name, reason}] (variants this CPU
 cannot run), comparisons [{name, what, a, b, ratios
 [per rep], median, min, max}], launches [{rep, variant, seconds, ok, images_per_s, load1,
-other_cpu, log, error, ranks [{rank, threads, affinity, fit_s, steps}]}] in the order they ran.
+other_cpu, log, error, ranks [{rank, threads, affinity, fit_s, steps}]}] in the order they ran,
+layers [{batch, threads, precision, policy, peak_gflops, whole_step_s, sum_of_layers_s,
+flops_per_image, rows [{index, name, kind, input, output, flops_per_image, step_s, gflops}]}].
 """

@@ -15,7 +15,7 @@ from ..config import describe_layers
 from ..scaling import plan_batches
 from ..training import runtime
 from ..training.callbacks import StepTimer
-from ..training.model import build_and_compile, flops_per_image
+from ..training.model import build_and_compile, build_model, flops_per_image, flops_per_image_of
 from ..training.pipeline import make_batches
 
 _T0 = time.perf_counter()
@@ -99,10 +99,15 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
 
 
 def peak(ns: Any, n: int, calls: int, rounds: int = 3) -> dict:
-    """GFLOP/s of n x n matmuls in float32 (and bfloat16 where the CPU has it natively) with all of
-    this process's threads; rounds alternate the types, each the best of `calls` timed calls."""
+    """GFLOP/s of n x n matmuls with all of this process's threads (see matmul_peak)."""
     itex, threads = start_single(ns)
-    out = {"fp32": [], "bf16": [], "threads": threads, "itex": itex["loaded"]}
+    return {"peak": {**matmul_peak(n, calls, rounds), "threads": threads, "itex": itex["loaded"]}}
+
+
+def matmul_peak(n: int, calls: int, rounds: int = 3) -> dict:
+    """GFLOP/s of n x n matmuls in float32 (and bfloat16 where the CPU has it natively); rounds
+    alternate the types, each the best of `calls` timed calls."""
+    out = {"fp32": [], "bf16": []}
     dtypes = [("fp32", tf.float32)] + ([("bf16", tf.bfloat16)] if cpu.node_facts()["native_bf16"] else [])
     mats = {}
     for key, dtype in dtypes:
@@ -124,4 +129,79 @@ def peak(ns: Any, n: int, calls: int, rounds: int = 3) -> dict:
                 mm(a, b).numpy()
                 times.append(time.perf_counter() - t0)
             out[key].append(2 * n ** 3 / min(times) / 1e9)
-    return {"peak": out}
+    return out
+
+
+def layer_profile(ns: Any, batch: int, calls: int, rounds: int = 3) -> dict:
+    """Where a training step's time goes, layer by layer, with this process's threads and precision.
+
+    Each layer alone, on a batch of its input's shape: forward and backward (the gradients of its
+    weights and, past the first layer, of its input), best of `calls` calls, the median over
+    `rounds`. The whole model's step (forward, loss, every gradient; no optimizer update) is timed
+    the same way, so the parts can be checked against the whole. The matmul peak is measured here
+    too, with the same threads, so a layer's GFLOP/s is compared with what these threads can do.
+    """
+    _, threads = start_single(ns)
+    model = build_model(ns.model.layers, ns.train.seed)
+    loss_fn = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ns.train.label_smoothing)
+    images = tf.random.stateless_uniform((batch, *model.input_shape[1:]), seed=[1, 2])
+    labels = tf.one_hot(tf.random.stateless_uniform((batch,), seed=[3, 4], maxval=10, dtype=tf.int32), 10)
+
+    @tf.function
+    def whole_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    rows = []
+    for index, layer in enumerate(model.layers):
+        x = tf.cast(tf.random.stateless_uniform((batch, *layer.input.shape[1:]), seed=[index, 5]),
+                    layer.compute_dtype if index else tf.float32)
+        dy = tf.cast(tf.random.stateless_normal((batch, *layer.output.shape[1:]), seed=[index, 6]),
+                     layer.compute_dtype)
+        rows.append({"index": index, "name": layer.name, "kind": type(layer).__name__,
+                     "input": list(layer.input.shape[1:]), "output": list(layer.output.shape[1:]),
+                     "flops_per_image": flops_per_image_of(layer), "step": _layer_step(layer, index > 0),
+                     "args": (x, dy)})
+    timings = {"whole": [], **{row["name"]: [] for row in rows}}
+    for _ in range(rounds):
+        timings["whole"].append(_best_time(whole_step, (images, labels), calls))
+        for row in rows:
+            timings[row["name"]].append(_best_time(row["step"], row["args"], calls))
+    peak_gflops = matmul_peak(1024, calls, rounds=1)
+    key = "bf16" if tf.keras.mixed_precision.global_policy().compute_dtype == "bfloat16" else "fp32"
+    layers = []
+    for row in rows:
+        seconds = sorted(timings[row["name"]])[len(timings[row["name"]]) // 2]
+        # forward, weight gradient and (past the first layer) input gradient: each as many FLOPs
+        passes = 3 if row["index"] else 2
+        gflops = passes * row["flops_per_image"] * batch / seconds / 1e9 if row["flops_per_image"] else None
+        layers.append({k: row[k] for k in ("index", "name", "kind", "input", "output", "flops_per_image")}
+                      | {"step_s": seconds, "gflops": gflops})
+    whole = sorted(timings["whole"])[rounds // 2]
+    return {"layers": {"batch": batch, "threads": threads, "precision": key,
+                       "policy": tf.keras.mixed_precision.global_policy().name,
+                       "peak_gflops": max(peak_gflops[key]) if peak_gflops[key] else max(peak_gflops["fp32"]),
+                       "whole_step_s": whole, "sum_of_layers_s": sum(x["step_s"] for x in layers),
+                       "flops_per_image": flops_per_image(model), "rows": layers}}
+
+
+def _layer_step(layer: tf.keras.layers.Layer, input_gradient: bool):
+    @tf.function
+    def step(x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        sources = ([x] if input_gradient else []) + layer.trainable_variables
+        return tape.gradient(y, sources, output_gradients=dy) if sources else [y]
+    return step
+
+
+def _best_time(fn, args: tuple, calls: int) -> float:
+    fn(*args)                                   # trace and warm up (oneDNN primitives)
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn(*args)                               # eager calls on the CPU return when done
+        best = min(best, time.perf_counter() - t0)
+    return best

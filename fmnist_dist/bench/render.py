@@ -90,4 +90,26 @@ def markdown(result: dict) -> str:
     if peak:
         lines += ["", peak + ". GFLOP/s = images/s x training FLOPs per image; \"of peak\" compares it with the "
                   "measured matmul peak of the variant's precision."]
+    for profile in result.get("layers") or []:
+        lines += ["", layers_markdown(profile)]
+    return "\n".join(lines)
+
+
+def layers_markdown(p: dict) -> str:
+    """One precision's layer profile: each layer's share of the step and its fraction of the peak."""
+    total = p["sum_of_layers_s"]
+    whole_gflops = 3 * p["flops_per_image"] * p["batch"] / p["whole_step_s"] / 1e9
+    lines = [f"Layer profile, {p['precision']} ({p['policy']}), {p['threads']} thread, batch {p['batch']}: each layer "
+             f"alone, forward and backward, median of 3 rounds (best of the calls in each). Whole step "
+             f"{1e3 * p['whole_step_s']:.1f} ms ({whole_gflops:.1f} GFLOP/s, "
+             f"{whole_gflops / p['peak_gflops']:.0%} of this thread's {p['precision']} matmul peak of "
+             f"{p['peak_gflops']:.0f} GFLOP/s); the layers alone add up to {1e3 * total:.1f} ms.", "",
+             "| layer | input → output | forward MFLOP/image | ms per step | share | GFLOP/s | of peak |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in p["rows"]:
+        shape = f"{'x'.join(map(str, r['input']))} → {'x'.join(map(str, r['output']))}"
+        fraction = None if r["gflops"] is None else r["gflops"] / p["peak_gflops"]
+        lines.append(f"| {r['name']} | {shape} | {_f(r['flops_per_image'] / 1e6 or None, '{:.2f}')} | "
+                     f"{1e3 * r['step_s']:.2f} | {r['step_s'] / total:.0%} | {_f(r['gflops'], '{:.1f}')} | "
+                     f"{_f(fraction, '{:.0%}')} |")
     return "\n".join(lines)

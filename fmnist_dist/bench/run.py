@@ -40,7 +40,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
         "machine": machine, "config_file": config_path, "overrides": overrides, "config": cfg,
         "settings": settings, "model": None,
         "load": {"before": load_before, "waited_s": waited, "quiet_load": quiet_load},
-        "peak": None, "variants": [], "skipped": skipped, "comparisons": [], "launches": [],
+        "peak": None, "variants": [], "skipped": skipped, "comparisons": [], "launches": [], "layers": [],
     }
     log(f"bench on {machine_line(machine)}")
     for skip in skipped:
@@ -87,6 +87,8 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
                 + (f"{launch['images_per_s']:8.0f} images/s" if launch["ok"] else f"FAILED ({launch['error']})")
                 + f"   {launch['seconds']:.0f} s, load {launch['load1']:.2f}, other processes "
                 f"{100 * launch['other_cpu']:.0f}% of the cores")
+    if settings.get("layers"):
+        result["layers"] = profile_layers(base_yaml, settings, machine, out, result["launches"], log)
     result["load"]["after"] = _loadavg()
     others = [la["other_cpu"] for la in result["launches"] if la.get("other_cpu") is not None]
     result["load"]["launches_other_cpu_median"] = statistics.median(others) if others else None
@@ -105,6 +107,28 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
     with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as f:
         f.write(markdown(result) + "\n")
     return result
+
+
+def profile_layers(base_yaml: str, settings: dict, machine: dict, out: str, launches: list, log=print) -> list[dict]:
+    """One single-thread process per precision this CPU runs natively (a rank of the 2x1 default
+    has one thread): each layer's forward and backward time, against that thread's matmul peak."""
+    precisions = ["fp32"] + (["keras_bf16"] if machine["native_bf16"] else [])
+    profiles = []
+    for precision in precisions:
+        intel = {**FP32, "mixed_precision": precision, "intra_op_threads": 1}
+        v = Variant(f"layers-{precision}", f"layer profile, {precision}", "layers", "keras", 1, intel)
+        spec = {"mode": "layers", "config": base_yaml, "overrides": [f"intel.{k}={_yaml(x)}" for k, x in intel.items()],
+                "batch": settings["batch_size"], "calls": settings["layer_calls"]}
+        launch = run_launch(spec, v.name, v, 0, out, settings["timeout"])
+        if launch["ok"]:
+            profiles.append(launch.pop("result")["layers"])
+            log(f"layer profile {precision}: whole step {1e3 * profiles[-1]['whole_step_s']:.1f} ms, "
+                f"sum of layers {1e3 * profiles[-1]['sum_of_layers_s']:.1f} ms")
+        else:
+            launch.pop("result", None)
+            log(f"layer profile {precision} FAILED ({launch['error']})")
+        launches.append(launch)
+    return profiles
 
 
 def child_env() -> dict:

@@ -18,6 +18,8 @@ def main(spec_path: str) -> int:
 
     if spec["mode"] == "peak":
         result = measure.peak(ns, spec["n"], spec["calls"])
+    elif spec["mode"] == "layers":
+        result = measure.layer_profile(ns, spec["batch"], spec["calls"])
     else:
         result = measure.throughput(ns, spec["horovod"], spec["warmup_steps"], spec["steps"])
     if result is not None:

@@ -122,13 +122,15 @@ class StepDropout(tf.keras.layers.Layer):
 
 def flops_per_image(model: tf.keras.Model) -> int:
     """Multiply-adds x2 of the conv and dense layers for one forward pass (training ~ 3x this)."""
-    flops = 0
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            _, h, w, c_out = layer.output.shape
-            c_in = layer.input.shape[-1]
-            flops += 2 * h * w * c_out * kh * kw * c_in
-        elif isinstance(layer, tf.keras.layers.Dense):
-            flops += 2 * layer.input.shape[-1] * layer.units
-    return int(flops)
+    return sum(flops_per_image_of(layer) for layer in model.layers)
+
+
+def flops_per_image_of(layer: tf.keras.layers.Layer) -> int:
+    """Forward FLOPs of one conv or dense layer for one image (0 for the others)."""
+    if isinstance(layer, tf.keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        _, h, w, c_out = layer.output.shape
+        return int(2 * h * w * c_out * kh * kw * layer.input.shape[-1])
+    if isinstance(layer, tf.keras.layers.Dense):
+        return int(2 * layer.input.shape[-1] * layer.units)
+    return 0
