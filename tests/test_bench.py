@@ -98,6 +98,44 @@ def test_quick_bench_runs_and_writes_its_outputs(tmp_path):
 
 
 @pytest.mark.slow
+def test_layer_profile_times_every_layer_of_the_model(tmp_path):
+    """`bench --variants none --layers`: one single-thread launch per native precision, a row per
+    layer of the configured model (the classifier included), FLOPs only for conv and dense."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "bench", "--quick", "--no-peak", "--variants", "none",
+                           "--layers", "--config", "configs/fast.yaml", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["variants"] == [] and result["peak"] is None
+    native = result["machine"]["native_bf16"]
+    assert [p["precision"] for p in result["layers"]] == ["fp32", "bf16"] if native else ["fp32"]
+    configured = [spec["type"] for spec in result["config"]["model"]["layers"]]
+    for profile in result["layers"]:
+        assert profile["threads"] == 1 and len(profile["cores"]) == 1
+        assert profile["batch"] == result["settings"]["batch_size"]
+        rows = profile["rows"]
+        assert len(rows) == len(configured) + 1 and rows[-1]["name"] == "logits"
+        for row, kind in zip(rows, configured + ["dense"]):
+            assert row["step_s"] > 0
+            has_flops = kind in ("conv", "dense")
+            assert (row["flops_per_image"] > 0 and row["gflops"] > 0) if has_flops else \
+                (row["flops_per_image"] == 0 and row["gflops"] is None), row
+        assert sum(r["flops_per_image"] for r in rows) == profile["flops_per_image"]
+        assert profile["whole_step_s"] > 0 and profile["peak_gflops"] > 0
+        assert profile["sum_of_layers_s"] == pytest.approx(sum(r["step_s"] for r in rows))
+    assert proc.stdout.count("Layer profile, ") == len(result["layers"])
+
+
+def test_nothing_to_run_is_refused(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "bench", "--variants", "none", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--variants none: nothing to run; add --layers" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 def test_bench_skips_what_this_cpu_cannot_run(tmp_path):
     """On a CPU without native bf16 (made here with oneDNN's ISA cap) the bf16 variants are listed as
     skipped with the reason and the rest runs; the header states the ISA."""

@@ -22,7 +22,7 @@ start of every repetition; the best rate seen is the measured peak. Training FLO
 with the peak of the variant's precision.
 
 Layers (`--layers`): where a step's time goes. One process per precision the CPU runs natively,
-with one thread (as each rank of the 2-rank default), times each layer alone, forward and backward
+with one thread bound to one core (as each rank of the 2-rank default), times each layer alone, forward and backward
 at the benchmark's batch, and the whole step the same way; a layer's GFLOP/s is compared with the
 matmul peak of that one thread, measured in the same process.
 
@@ -40,6 +40,6 @@ vs_baseline, environment (of the first good launch)}], skipped [{name, reason}] 
 cannot run), comparisons [{name, what, a, b, ratios
 [per rep], median, min, max}], launches [{rep, variant, seconds, ok, images_per_s, load1,
 other_cpu, log, error, ranks [{rank, threads, affinity, fit_s, steps}]}] in the order they ran,
-layers [{batch, threads, precision, policy, peak_gflops, whole_step_s, sum_of_layers_s,
+layers [{batch, threads, cores, precision, policy, peak_gflops, whole_step_s, sum_of_layers_s,
 flops_per_image, rows [{index, name, kind, input, output, flops_per_image, step_s, gflops}]}].
 """

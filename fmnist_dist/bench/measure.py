@@ -179,7 +179,7 @@ def layer_profile(ns: Any, batch: int, calls: int, rounds: int = 3) -> dict:
         layers.append({k: row[k] for k in ("index", "name", "kind", "input", "output", "flops_per_image")}
                       | {"step_s": seconds, "gflops": gflops})
     whole = sorted(timings["whole"])[rounds // 2]
-    return {"layers": {"batch": batch, "threads": threads, "precision": key,
+    return {"layers": {"batch": batch, "threads": threads, "cores": sorted(os.sched_getaffinity(0)), "precision": key,
                        "policy": tf.keras.mixed_precision.global_policy().name,
                        "peak_gflops": max(peak_gflops[key]) if peak_gflops[key] else max(peak_gflops["fp32"]),
                        "whole_step_s": whole, "sum_of_layers_s": sum(x["step_s"] for x in layers),
@@ -193,7 +193,9 @@ def _layer_step(layer: tf.keras.layers.Layer, input_gradient: bool):
             tape.watch(x)
             y = layer(x, training=True)
         sources = ([x] if input_gradient else []) + layer.trainable_variables
-        return tape.gradient(y, sources, output_gradients=dy) if sources else [y]
+        # y too: the gradients of a conv or dense layer do not need its output, and a step that did
+        # not return it would time the backward pass alone.
+        return [y, *tape.gradient(y, sources, output_gradients=dy)] if sources else [y]
     return step
 
 

@@ -3,6 +3,7 @@ process as training does, before TensorFlow loads, then measures and writes its 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -13,6 +14,9 @@ def main(spec_path: str) -> int:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     ns = config_mod.namespace(config_mod.load(spec["config"], spec["overrides"]))
+    if spec["mode"] == "layers":
+        # One core, as each rank of the 2-rank default is bound by intel.bind=auto.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     runtime.prepare(ns)                      # threads, binding, oneDNN/ITEX switches: before TensorFlow
     from . import measure                    # imports TensorFlow
 
