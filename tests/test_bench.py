@@ -207,3 +207,29 @@ def test_race_ratio_is_peer_over_project_and_needs_both_to_reach():
                "ratio_wall": None, "ratio_training_at_least": 2.32, "ratio_wall_at_least": 2.1}
     assert race.summarize([*results, bounded])["ratio_training_at_least"] == 2.32
     assert race._x(None, 2.32) == "> 2.32x" and race._x(3.0) == "3.00x" and race._x(None) == "—"
+
+
+def test_race_shows_how_much_of_a_bound_rests_on_the_peer_plateau():
+    """A peer that missed: its best epoch is in the table, and the ratio had it reached the target
+    there is given per seed, beside (not instead of) the lower bound."""
+    from fmnist_dist.bench import race
+
+    peer = {"reached": False, "training_s": 290.0, "wall_s": 315.0, "error": None, "epochs": 30,
+            "test_accuracy": 0.9183, "best_test_accuracy": 0.9197, "best_epoch": 15, "best_training_s": 142.4}
+    project = {"reached": True, "training_s": 55.8, "wall_s": 74.7, "error": None, "epochs": 8,
+               "test_accuracy": 0.9228, "precision": "keras_bf16"}
+    missed = {"seed": 1, "peer": peer, "project": project, "ratio_training": None, "ratio_wall": None,
+              "ratio_training_at_least": 290.0 / 55.8, "ratio_wall_at_least": 315.0 / 74.7}
+    both = {"seed": 2, "peer": {**peer, "reached": True, "training_s": 200.0}, "project": project,
+            "ratio_training": 200.0 / 55.8, "ratio_wall": 1.0}
+    assert race.ratio_to_peer_best(missed) == pytest.approx(142.4 / 55.8)
+    assert race.ratio_to_peer_best(both) is None                  # the peer reached: a real ratio exists
+    assert race.ratio_to_peer_best({**missed, "project": {**project, "reached": False}}) is None
+    summary = race.summarize([missed, both])
+    assert summary["ratio_training_to_peer_best"] == [pytest.approx(2.552, abs=1e-3), None]
+    md = race.markdown({"target": 0.92, "machine": {"cpu_model": "X", "cores": 2, "isa": "AVX2", "native_bf16": False,
+                                                    "amx": False}, "started": "2026-12-01T00:00:00",
+                        "command": "fmnist-dist race", "peer_max_epochs": 30, "results": [missed, both],
+                        "summary": summary})
+    assert "91.83% (best 91.97% at epoch 15, 142.4 s)" in md
+    assert "at its best epoch, the training ratio would have been 2.55x (not a bound" in md

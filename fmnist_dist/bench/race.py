@@ -16,9 +16,11 @@ ratio from below (its time to target is longer than all it trained): shown as ">
 Outputs: a table on stdout, OUT/race.json (schema below), OUT/race.md, OUT/logs/.
 race.json (schema "fmnist-dist/race", version 1): started, finished, command, host, machine, target,
 config_file, overrides, seeds, peer_max_epochs, results [{seed, order, peer {reached, epochs,
-test_accuracy, best_test_accuracy, training_s, wall_s, log, error}, project {... plus precision, images_per_s, run_dir},
-ratio_training, ratio_wall, ratio_training_at_least, ratio_wall_at_least}], summary
-{every_seed_reached, ratio_training_median, ratio_wall_median, ratio_training_at_least, ...}.
+test_accuracy, best_test_accuracy, best_epoch, best_training_s, training_s, wall_s, log, error},
+project {... plus precision, images_per_s, run_dir}, ratio_training, ratio_wall,
+ratio_training_at_least, ratio_wall_at_least}], summary {every_seed_reached, ratio_training_median,
+ratio_wall_median, ratio_training_at_least, ratio_training_to_peer_best [per seed, null where the
+peer reached the target or the project did not], ...}.
 """
 from __future__ import annotations
 
@@ -78,9 +80,11 @@ def run_peer(settings: dict, seed: int, out: str) -> dict:
     epochs = [json.loads(line) for line in read_lines(log_path) if line.startswith('{"epoch"')]
     reached = next((e for e in epochs if e["test_accuracy"] >= settings["target"]), None)
     last = reached or (epochs[-1] if epochs else None)
+    best = max(epochs, key=lambda e: (e["test_accuracy"], -e["epoch"]), default=None)   # its first best epoch
     side.update(reached=reached is not None, epochs=last and last["epoch"],
                 test_accuracy=last and last["test_accuracy"], training_s=last and last["training_s"],
-                best_test_accuracy=max((e["test_accuracy"] for e in epochs), default=None))
+                best_test_accuracy=best and best["test_accuracy"], best_epoch=best and best["epoch"],
+                best_training_s=best and best["training_s"])
     if side["error"] is None and not epochs:
         side["error"] = f"no epoch reported; see {log_path}"
     return side
@@ -153,7 +157,18 @@ def summarize(results: list[dict]) -> dict:
             "ratio_wall_median": median([r["ratio_wall"] for r in both]),
             "ratio_training_min": min((r["ratio_training"] for r in both), default=None),
             "ratio_training_at_least": min((r["ratio_training_at_least"] for r in results
-                                            if r.get("ratio_training_at_least") is not None), default=None)}
+                                            if r.get("ratio_training_at_least") is not None), default=None),
+            "ratio_training_to_peer_best": [ratio_to_peer_best(r) for r in results]}
+
+
+def ratio_to_peer_best(entry: dict) -> float | None:
+    """Where the peer missed and the project reached the target: the ratio had the peer reached it at
+    its best epoch. Not a bound; it shows how much of a "> R" rests on the peer's plateau lying just
+    under the target rather than on the project's speed."""
+    peer, project = entry["peer"], entry["project"]
+    if peer["reached"] or not project["reached"] or not (peer.get("best_training_s") and project["training_s"]):
+        return None
+    return peer["best_training_s"] / project["training_s"]
 
 
 def describe_side(side: dict) -> str:
@@ -187,6 +202,11 @@ def markdown(result: dict) -> str:
             lines.append(f"Where the peer gave up short of {target} (after {result.get('peer_max_epochs', 'its')} "
                          f"epochs) the ratio is a lower bound (>): training at least "
                          f"{s['ratio_training_at_least']:.2f}x.")
+        at_best = [x for x in s.get("ratio_training_to_peer_best") or [] if x is not None]
+        if at_best:
+            lines.append(f"Had the peer reached {target} at its best epoch, the training ratio would have been "
+                         + ", ".join(f"{x:.2f}x" for x in at_best) + " (not a bound: how much of each > rests on "
+                         f"the peer's plateau lying just under {target}).")
     return "\n".join(lines)
 
 
@@ -200,7 +220,10 @@ def _pct(side: dict) -> str:
 
 def _best(side: dict) -> str:
     best = side.get("best_test_accuracy")
-    return "" if side["reached"] or best is None else f" (best {best:.2%})"
+    if side["reached"] or best is None:
+        return ""
+    when = f" at epoch {side['best_epoch']}, {side['best_training_s']:.1f} s" if side.get("best_epoch") else ""
+    return f" (best {best:.2%}{when})"
 
 
 def _s(seconds, reached: bool) -> str:
