@@ -7,12 +7,14 @@ The one error path: any FmnistError becomes one line `fmnist-dist: error: ...` a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from dataclasses import asdict
 from datetime import datetime
 
+from . import basis, scaling
 from . import config as config_mod
 from . import lease
 from .errors import FmnistError, LaunchError, ProjectionError, ReportError, UsageError
@@ -177,10 +179,13 @@ def add_report_arguments(p) -> None:
                    "(default: from the allreduce probe)")
     p.add_argument("--latency-model", choices=("ring", "tree"), default="ring",
                    help="--project: latency hops of the allreduce: ring 2(p-1) (default) or tree 2 log2(p)")
-    p.add_argument("--target", type=float, default=0.92, help="--project, --scan: the accuracy to reach (default 0.92)")
-    p.add_argument("--basis", default=None, help="--project: the accuracy-vs-global-batch basis (a `--scan "
-                   "--format json` output; default: the one the package ships, docs/scaling.md); none: leave "
-                   "accuracy out")
+    p.add_argument("--network", default="25gbe", choices=[n for n in scaling.NETWORKS if n != "shm"],
+                   help="--project: the network between nodes, nominal figures (default 25gbe; --latency-us and "
+                   "--bandwidth-gbs give your own)")
+    p.add_argument("--target", type=float, default=None, help="--project, --scan: the accuracy to reach (default: "
+                   "the run's train.target_accuracy, else its recipe's stated target, else 0.92)")
+    p.add_argument("--basis", default=None, help="--project: the accuracy-vs-global-batch basis (default: the one "
+                   "the package ships for the run's own recipe, docs/scaling.md); none: leave accuracy out")
     p.add_argument("--scan", action="store_true", help="several runs of one recipe at several global batches: "
                    "test accuracy against global batch (mean, spread, epochs to --target); json: an accuracy basis")
 
@@ -193,25 +198,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .reporting.render import render_markdown, summary_lines
 
     paths = expand(args.run_dirs)
-    try:
-        nodes = tuple(int(n) for n in str(args.nodes).split(",") if n.strip())
-        if not nodes or min(nodes) < 1:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--nodes {args.nodes}: expected node counts such as 4,8,16,64") from None
+    nodes = node_counts(args.nodes)
     latency = args.latency_us * 1e-6 if args.latency_us is not None else None
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs is not None else None
-    if not 0 < args.target <= 1:
+    if args.target is not None and not 0 < args.target <= 1:
         raise UsageError(f"--target {args.target}: expected an accuracy in (0, 1], such as 0.92")
-    accuracy = accuracy_basis(args) if args.project else None
+    if (latency is None) != (bandwidth is None):
+        raise UsageError("--latency-us and --bandwidth-gbs go together (or name a --network preset)")
+    accuracy = functools.partial(accuracy_basis, args) if args.project else None
     if len(paths) == 1 and not args.scan:
         report = report_mod.load_report(paths[0])   # unreadable: ReportError, exit 2
         proj = None
         if args.project:
             try:
                 proj = projection.project(report, nodes=nodes, ranks_per_node=args.ranks_per_node,
-                                          latency_s=latency, bandwidth_Bps=bandwidth,
-                                          latency_model=args.latency_model, accuracy=accuracy)
+                                          latency_s=latency, bandwidth_Bps=bandwidth, latency_model=args.latency_model,
+                                          accuracy=accuracy(report), network=args.network)
             except ProjectionError as e:
                 raise ProjectionError(f"{paths[0]}: cannot project: {e}") from None
         if args.format == "json":
@@ -242,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     projs, vals, problems = [], [], []
     if args.project:
         projs, vals, problems = projections(loaded, rows, nodes, args.ranks_per_node, latency, bandwidth,
-                                            args.latency_model, accuracy)
+                                            args.latency_model, accuracy, args.network)
     if args.format == "json":
         data = json.loads(render(rows, "json"))
         if args.project:
@@ -272,30 +274,51 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def accuracy_basis(args: argparse.Namespace) -> dict | None:
-    """--project's accuracy basis: {points of its recipe, recipe, target}, or None with --basis none."""
-    from .reporting import basis
+def node_counts(text: str) -> tuple[int, ...]:
+    try:
+        nodes = tuple(int(n) for n in str(text).split(",") if n.strip())
+        if not nodes or min(nodes) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--nodes {text}: expected node counts such as 4,8,16,64") from None
+    return nodes
 
+
+def accuracy_basis(args: argparse.Namespace, report: dict) -> dict | None:
+    """--project's accuracy basis for this run: --basis FILE, else the shipped basis of the run's own
+    recipe (none: no accuracy part, and the projection says so); with the run's target."""
     if args.basis == "none":
         return None
-    loaded = basis.load(args.basis or basis.BASIS_FILE)
-    points = basis.recipe_points(loaded)
-    return {"points": points, "recipe": points[0]["recipe"], "target": args.target}
+    cfg = report.get("config") or {}
+    found = basis.load(args.basis) if args.basis else basis.for_config(cfg) if cfg else None
+    if found is None:
+        print(f"projection: {report['run_id']}: {basis.missing_line(cfg) if cfg else 'the report has no config'}",
+              file=sys.stderr)
+        return None
+    return {"basis": found, "target": args.target or basis.target_of(cfg, found)}
 
 
 def print_scan(loaded: list, args: argparse.Namespace) -> int:
-    """--scan: the accuracy-vs-global-batch table, or (json) an accuracy basis with its command."""
-    from .reporting import basis
+    """--scan: the accuracy-vs-global-batch table, or (json) an accuracy basis of one recipe."""
+    from .reporting.scan import render, scan_points
 
-    points = basis.scan_points(loaded)
+    points = scan_points(loaded)
     if not points:
         raise ReportError("--scan: no completed run among the runs given")
-    if args.format == "json":
-        head = {"schema": basis.SCAN_SCHEMA, "command": " ".join(["fmnist-dist report", *sys.argv[2:]]),
-                "default_recipe": points[0]["recipe_key"]}
-        print(json.dumps(head)[:-1] + ', "points": [\n' + ",\n".join(json.dumps(p) for p in points) + "\n]}")
-    else:
-        print(basis.render(points, args.target, "md" if args.format == "md" else "text"))
+    if args.format != "json":
+        print(render(points, args.target or basis.DEFAULT_TARGET, "md" if args.format == "md" else "text"))
+        return 0
+    recipes = sorted({(p["recipe"], p["recipe_key"]) for p in points})
+    if len(recipes) > 1:
+        raise ReportError(f"--scan --format json: a basis is one recipe's; these runs are of {len(recipes)}: "
+                          + ", ".join(f"{name} ({key})" for name, key in recipes))
+    cfg = next(json.loads(json.dumps(r["config"])) for _, r, _ in loaded
+               if r is not None and r.get("status") == "completed")
+    for key in basis.SCAN_KEYS:
+        cfg["train"].pop(key.split(".", 1)[1], None)
+    head = {"schema": basis.SCHEMA, "recipe": recipes[0][0], "target": args.target or basis.DEFAULT_TARGET,
+            "command": " ".join(["fmnist-dist report", *sys.argv[2:]]), "config": cfg}
+    print(json.dumps(head)[:-1] + ', "points": [\n' + ",\n".join(json.dumps(p) for p in points) + "\n]}")
     return 0
 
 

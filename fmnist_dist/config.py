@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import difflib
 import errno
+import hashlib
+import json
 import math
 import os
 import stat
@@ -31,6 +33,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     nullable: bool = False
+    words: tuple = ()       # strings a numeric key also takes (e.g. "auto")
 
 
 # Layer types are the seed study's set (conv, ReLU, pooling, dense, dropout) plus batch norm and
@@ -72,9 +75,12 @@ SCHEMA: dict[str, Field] = {
                                    min=1, nullable=True),
     "train.batch_size": Field(256, int, "batch size per rank; with train.global_batch_size, the batch train.lr "
                               "is meant for", min=1, max=60000),
-    "train.global_batch_size": Field(None, int, "strong scaling: the global batch, whatever the number of ranks; "
-                                     "each rank takes an equal share (an error if it does not divide). Default: "
-                                     "weak scaling, train.batch_size per rank", min=1, max=60000, nullable=True),
+    "train.global_batch_size": Field("auto", int, "auto: the job picks the global batch that reaches the "
+                                     "recipe's target soonest on this many ranks, from the recipe's measured "
+                                     "accuracy basis (weak scaling where none matches; docs/scaling.md); a "
+                                     "number: strong scaling, that global batch whatever the number of ranks, an "
+                                     "equal share each (an error if it does not divide); null: weak scaling, "
+                                     "train.batch_size per rank", min=1, max=60000, nullable=True, words=("auto",)),
     "train.simulate_world_size": Field(None, int, "train as this many ranks would, on fewer processes (a "
                                        "multiple of them): each process carries its share of the ranks' batches, "
                                        "batch norm normalizes each rank's batch on its own, and the learning-rate "
@@ -83,6 +89,9 @@ SCHEMA: dict[str, Field] = {
     "train.large_batch_from": Field(4096, int, "from this global batch on, the large-batch recipe: Adam and "
                                     "AdamW become LAMB (layer-wise trust ratio) and the warm-up lasts at least 5 "
                                     "epochs (docs/scaling.md); null: never", min=1, nullable=True),
+    "train.interconnect": Field("25gbe", str, "the network between nodes, for train.global_batch_size=auto's "
+                                "allreduce cost (nominal figures, docs/scaling.md)",
+                                choices=("10gbe", "25gbe", "100gbe", "hdr-ib")),
     "train.eval_batch_size": Field(1000, int, "batch size for validation and test", min=1, max=60000),
     "train.optimizer": Field("adam", str, "optimizer", choices=("adam", "adamw", "lamb", "sgd")),
     "train.lr": Field(1.5e-3, float, "learning rate for one rank (scaled by train.lr_scaling)", min=0.0),
@@ -140,6 +149,23 @@ SCHEMA: dict[str, Field] = {
                           "into the run directory at the end"),
     "report.tensorboard": Field(True, bool, "rank 0 writes TensorBoard scalars into RUN_DIR/tensorboard"),
 }
+
+
+# Keys that leave the experiment as it was: where the data lives, what is reported, when to
+# checkpoint or stop, the node's speed settings and its network. Runs that differ only in these are
+# one recipe (compare, scans), and a resumed run may change them; every other key changes the result.
+EXPERIMENT_NEUTRAL = ("data.dir", "data.download", "data.url", "data.cache_dir", "train.eval_batch_size",
+                      "train.time_limit", "train.stop_check_steps", "train.stall_timeout", "train.interconnect",
+                      "checkpoint.", "report.", "intel.onednn", "intel.itex", "intel.intra_op_threads",
+                      "intel.inter_op_threads", "intel.bind", "intel.kmp_")
+
+
+def experiment_key(cfg: dict, drop: tuple[str, ...] = ()) -> str:
+    """A short hash of the config's experiment (EXPERIMENT_NEUTRAL and `drop` left out): equal for runs
+    of one recipe. Keys a config predates count at their defaults, so an older report keeps its key."""
+    merged = {**flat(defaults()), **flat(cfg)}
+    kept = {k: v for k, v in merged.items() if not k.startswith(EXPERIMENT_NEUTRAL + tuple(drop))}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def defaults() -> dict:
@@ -301,6 +327,10 @@ def _check(field: Field, key: str, value: Any, source: str) -> Any:
         if field.nullable:
             return None
         raise fail(_describe(field))
+    if isinstance(value, str) and field.words:
+        if value in field.words:
+            return value
+        raise fail(_describe(field))
     kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -336,6 +366,8 @@ def _describe(field: Field) -> str:
         text += f" in [{field.min}, {field.max}]"
     elif field.min is not None:
         text += f" >= {field.min}"
+    if field.words:
+        text += "".join(f", or {w!r}" for w in field.words)
     if field.nullable:
         text += " (or null)"
     return text
@@ -400,6 +432,21 @@ def _check_layer_shapes(layers: list[dict], source: str) -> None:
         if out != shape:
             trail.append(_fmt_shape(out))
         shape = out
+
+
+def trainable_parameters(layers: list[dict]) -> int:
+    """The network's trainable weights, from the same shape walk, with the Dense(10) classifier that
+    training/model.py appends: what each step's allreduce carries (a test holds it to Keras' count)."""
+    shape, total = IMAGE_SHAPE, 0
+    for layer in layers + [{"type": "dense", "units": 10}]:
+        if layer["type"] == "conv":
+            total += layer["kernel"] ** 2 * shape[-1] * layer["filters"] + layer["filters"]
+        elif layer["type"] == "dense":
+            total += shape[-1] * layer["units"] + layer["units"]
+        elif layer["type"] == "batchnorm":
+            total += 2 * shape[-1]
+        shape = _layer_output(layer, shape)[0]
+    return total
 
 
 def _layer_output(layer: dict, shape: tuple[int, ...]) -> tuple[tuple[int, ...], str | None]:

@@ -14,9 +14,11 @@ warm-up is 6 steps, in which Adam's rate climbs 32-fold and the training loss bl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from .basis import expect, recipe_points
 from .errors import ConfigError
 
 LARGE_BATCH_WARMUP_EPOCHS = 5.0     # 30 steps at 8,192: what the warm-up needs there (measured)
@@ -62,10 +64,13 @@ class BatchPlan:
                 "lr_factor": self.lr_factor}
 
 
-def plan_batches(train: Any, processes: int) -> BatchPlan:
-    """The split for `processes` real ranks from the train section (a namespace or a dict)."""
+def plan_batches(train: Any, processes: int, chosen: int | None = None) -> BatchPlan:
+    """The split for `processes` real ranks from the train section (a namespace or a dict). Under
+    train.global_batch_size=auto, `chosen` is the job's choice (choose()); None: weak scaling."""
     get = train.get if isinstance(train, dict) else lambda key: getattr(train, key)
     simulate, global_batch, batch = get("simulate_world_size"), get("global_batch_size"), get("batch_size")
+    if global_batch == "auto":          # the choice is weak scaling's batch, or another that stays fixed
+        global_batch = None if chosen == batch * (simulate or processes) else chosen
     large_from = get("large_batch_from")
     world = simulate or processes
     if world % processes:
@@ -84,3 +89,122 @@ def plan_batches(train: Any, processes: int) -> BatchPlan:
 def _multiples(unit: int, near: int) -> str:
     below, above = near // unit * unit, (near // unit + 1) * unit
     return f"{below} or {above}" if below else str(above)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.global_batch_size: auto. The job picks the global batch that reaches its recipe's target
+# soonest on the ranks it was given: the recipe's accuracy basis says which global batches reach the
+# target (and after how many epochs); the recipe's measured throughput against the per-rank batch
+# and an allreduce model say how long each epoch of each would take. Weak scaling where the larger
+# global batch keeps the accuracy, strong scaling (a fixed global batch split thinner) where it
+# would not.
+
+# Nominal allreduce figures: (latency per ring hop in s, link bandwidth in B/s): line rate at about
+# 92% for TCP/RDMA payload, latencies typical of MPI point-to-point on each fabric. Within one node
+# the ranks reduce through shared memory.
+NETWORKS = {
+    "shm": (2e-6, 10e9),
+    "10gbe": (30e-6, 1.15e9),
+    "25gbe": (20e-6, 2.9e9),
+    "100gbe": (10e-6, 11.5e9),
+    "hdr-ib": (2e-6, 23e9),
+}
+# Below this, a rank's batch norm statistics are too noisy for a basis measured at 256 per rank to
+# speak for it, and a rank's step is mostly fixed costs.
+MIN_RANK_BATCH = 32
+GRADIENT_BYTES_PER_WEIGHT = 4     # gradients are reduced in fp32, bf16 runs included
+# Projected times closer than this are a tie (the projection's own error is larger), settled by the
+# higher expected accuracy: a larger global batch must buy real time for the accuracy it costs.
+TIE = 0.05
+
+
+def allreduce_s(ranks: int, nodes: int, gradient_bytes: int, network: str | tuple[float, float]) -> float:
+    """A ring allreduce of the gradients: 2(p-1) latency hops and 2(p-1)/p of the bytes over each link,
+    at the interconnect's figures (a preset's name, or latency and bandwidth) once the ranks span nodes."""
+    if ranks <= 1:
+        return 0.0
+    latency, bandwidth = NETWORKS["shm"] if nodes <= 1 else NETWORKS[network] if isinstance(network, str) else network
+    return 2 * (ranks - 1) * latency + 2 * (ranks - 1) / ranks * gradient_bytes / bandwidth
+
+
+def rank_images_per_s(throughput: dict, per_rank: int) -> float | None:
+    """One rank's images/s at this batch, interpolated in log2(batch) between measured batches."""
+    batches, speeds = throughput["batches"], throughput["images_per_s"]
+    if not batches[0] <= per_rank <= batches[-1]:
+        return None
+    for (b0, s0), (b1, s1) in zip(zip(batches, speeds), zip(batches[1:], speeds[1:])):
+        if b0 <= per_rank <= b1:
+            f = 0.0 if b1 == b0 else math.log2(per_rank / b0) / math.log2(b1 / b0)
+            return s0 + f * (s1 - s0)
+    return speeds[-1]
+
+
+def epoch_s(global_batch: int, ranks: int, nodes: int, train_size: int, throughput: dict,
+            gradient_bytes: int, network: str | tuple[float, float]) -> float | None:
+    per_rank = global_batch // ranks
+    speed = rank_images_per_s(throughput, per_rank)
+    if speed is None:
+        return None
+    steps = train_size // global_batch
+    return steps * (per_rank / speed + allreduce_s(ranks, nodes, gradient_bytes, network))
+
+
+def candidates(points: list[dict], ranks: int, weak: int) -> list[int]:
+    """Global batches worth weighing: each measured one (rounded to a multiple of the ranks) and weak
+    scaling's; no rank below MIN_RANK_BATCH."""
+    rounded = {max(ranks, round(p["global_batch"] / ranks) * ranks) for p in points}
+    return sorted(g for g in rounded | {weak} if g // ranks >= MIN_RANK_BATCH)
+
+
+def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: str, gradient_bytes: int,
+           train_size: int, target: float, network: str | tuple[float, float] | None = None) -> dict:
+    """The global batch train.global_batch_size=auto trains with, and why: every candidate weighed
+    with its expected accuracy, epochs and projected time (report: data.scaling.choice). The network
+    between nodes is train.interconnect's unless given."""
+    weak = train["batch_size"] * ranks
+    if basis is None:
+        return {"global_batch": None, "mode": "weak", "reason": "no accuracy basis for this recipe: weak scaling, "
+                f"train.batch_size {train['batch_size']} per rank", "candidates": []}
+    points = recipe_points(basis)
+    lo, hi = points[0]["global_batch"], points[-1]["global_batch"]
+    curves = basis.get("throughput", {}).get("precisions", {})
+    throughput = curves.get(precision) or next(iter(curves.values()), None)
+    network = network or train.get("interconnect") or "25gbe"
+    early_stop = train.get("target_accuracy") is not None
+    weighed = []
+    for g in candidates(points, ranks, weak):
+        e = expect(points, min(max(g, lo), hi) if abs(g - min(max(g, lo), hi)) < ranks else g, target)
+        row = {"global_batch": g, "per_rank": g // ranks, "expected_accuracy": e["accuracy_mean"],
+               "epochs_to_target": e["epochs_to_target"], "epochs": e.get("epochs")}
+        per_epoch = epoch_s(g, ranks, nodes, train_size, throughput, gradient_bytes, network) if throughput else None
+        if not e["within"]:
+            row["rejected"] = f"outside the basis ({lo}–{hi}): accuracy not measured"
+        elif e["accuracy_mean"] < target:
+            row["rejected"] = f"expected {e['accuracy_mean']:.2%} < target {target:.1%}"
+        elif per_epoch is None:
+            row["rejected"] = f"throughput not measured at {g // ranks} per rank"
+        else:
+            # The job trains the recipe's epochs unless train.target_accuracy stops it at the target.
+            epochs = (e["epochs_to_target"] or e["epochs"]) if early_stop else e["epochs"]
+            row.update(epoch_s=per_epoch, epochs_trained=epochs, projected_s=epochs * per_epoch)
+        weighed.append(row)
+    usable = [r for r in weighed if "projected_s" in r]
+    if not usable:
+        return {"global_batch": None, "mode": "weak", "candidates": weighed,
+                "reason": f"no global batch of the {basis['recipe']} basis reaches {target:.1%} on {ranks} ranks: "
+                          f"weak scaling, train.batch_size {train['batch_size']} per rank"}
+    fastest = min(r["projected_s"] for r in usable)
+    best = max((r for r in usable if r["projected_s"] <= fastest * (1 + TIE)),
+               key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
+    mode = "weak" if best["global_batch"] == weak else "strong"
+    for r in usable:
+        if r is not best:
+            r["rejected"] = (f"projected {r['projected_s']:.0f} s against {best['projected_s']:.0f} s"
+                             + (f", expected {r['expected_accuracy']:.2%}: within {TIE:.0%} of the time, less accurate"
+                                if r["projected_s"] <= fastest * (1 + TIE) else ""))
+    return {"global_batch": best["global_batch"], "mode": mode, "candidates": weighed,
+            "network": network if isinstance(network, str) else list(network),
+            "precision": precision if precision in curves else next(iter(curves), None),
+            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, {mode} scaling): expected "
+                      f"{best['expected_accuracy']:.2%} (target {target:.1%}), projected {best['projected_s']:.0f} s "
+                      f"for {best['epochs_trained']} epochs, the soonest of {len(usable)} that reach the target"}

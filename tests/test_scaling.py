@@ -46,10 +46,13 @@ def test_a_simulated_world_that_is_not_a_multiple_of_the_processes_is_an_error()
 
 
 # ---------------------------------------------------------------------------------------------
-# The accuracy basis and the time-to-accuracy arithmetic (reporting.basis, projection)
+# The accuracy basis and the time-to-accuracy arithmetic (basis, reporting.scan, projection)
 
-from fmnist_dist.reporting import basis as basis_mod  # noqa: E402
-from fmnist_dist.reporting.projection import add_time_to_accuracy  # noqa: E402
+from fmnist_dist import basis as basis_mod  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from fmnist_dist import config as config_mod  # noqa: E402
+from fmnist_dist.errors import ReportError  # noqa: E402
+from fmnist_dist.reporting import scan as scan_mod  # noqa: E402
 
 
 def point(global_batch: int, accuracies: list[float], reached: list[int | None], epochs: int = 18) -> dict:
@@ -76,32 +79,19 @@ def test_the_basis_interpolates_in_log2_of_the_global_batch_and_takes_the_slowes
 def test_outside_the_basis_nothing_is_claimed_and_a_launch_is_warned():
     e = basis_mod.expect(POINTS, 16384, 0.92)
     assert not e["within"] and e["accuracy_mean"] is None and e["epochs_to_target"] is None
-    line = basis_mod.warning(POINTS, 16384, "lean")
+    line = basis_mod.warning(POINTS, 16384, "lean", 0.92)
     assert "global batch 16384 lies outside the measured accuracy basis (512–8192" in line and "85.00%" in line
-    assert "below 92%" in basis_mod.warning(POINTS, 8192, "lean")
-    assert basis_mod.warning(POINTS, 512, "lean") is None
-    assert basis_mod.warning(POINTS, 256, "lean") is None     # below: the regime the recipes were tuned in
-    assert "not measured" in basis_mod.launch_check(64)["note"]
-
-
-def test_time_to_accuracy_is_epochs_times_seconds_per_epoch_and_names_where_more_nodes_stop_helping():
-    rows = [{"nodes": n, "ranks": 2 * n, "epoch_s": 100.0 / n} for n in (1, 2, 4, 8, 16)]
-    proj = {"base": {"batch": 256}, "rows": rows}
-    add_time_to_accuracy(proj, {"points": POINTS, "recipe": "lean", "target": 0.92})
-    by_nodes = {r["nodes"]: r for r in proj["rows"]}
-    assert by_nodes[1]["global_batch"] == 512 and by_nodes[1]["time_to_target_s"] == pytest.approx(10 * 100.0)
-    assert by_nodes[4]["global_batch"] == 2048 and by_nodes[4]["time_to_target_s"] == pytest.approx(16 * 25.0)
-    assert by_nodes[8]["time_to_target_s"] is None                  # 4096: not reached in the basis
-    assert by_nodes[16]["within_basis"] is True and by_nodes[16]["time_to_target_s"] is None
-    assert proj["accuracy"]["fastest_nodes"] == 4
-    assert "after 4 nodes" in proj["accuracy"]["lines"][-1]
+    assert "below its target 92.0%" in basis_mod.warning(POINTS, 8192, "lean", 0.92)
+    assert basis_mod.warning(POINTS, 512, "lean", 0.92) is None
+    assert basis_mod.warning(POINTS, 256, "lean", 0.92) is None     # below: the regime the recipes were tuned in
+    assert "not measured" in basis_mod.launch_check(config_mod.load(str(ROOT / "configs/lean.yaml")), 64)["note"]
 
 
 def test_the_summary_says_the_split_and_the_warning():
     from fmnist_dist.reporting.render import summary_lines
 
     scaling = {**plan_batches(train(simulate=64), 1).describe(),
-               "accuracy_basis": basis_mod.launch_check(16384)}
+               "accuracy_basis": basis_mod.launch_check(config_mod.load(str(ROOT / "configs/lean.yaml")), 16384)}
     report = {"run_id": "r", "status": "completed", "timing": {}, "results": {}, "epochs": [],
               "world": {"size": 1, "hosts": {"h": [0]}}, "environment": {},
               "data": {"batch_size_per_rank": 256, "global_batch_size": 16384, "scaling": scaling}}
@@ -123,12 +113,133 @@ def test_a_scan_keeps_one_recipe_across_the_switch_to_the_large_batch_recipe():
     large = {"recipe": "large-batch", "optimizer": "lamb", "warmup_epochs": 5.0}
     loaded = [(f"r{g}-{s}", scan_report(g, s, large if g >= 4096 else {"recipe": "standard"}), None)
               for g in (2048, 8192) for s in (2, 1)]
-    points = basis_mod.scan_points(loaded)
+    points = scan_mod.scan_points(loaded)
     assert [(p["global_batch"], p["scaling_recipe"], p["optimizer"], p["warmup_epochs"], p["seeds"]) for p in points] == [
         (2048, "standard", "adam", 0.3, [1, 2]), (8192, "large-batch", "lamb", 5.0, [1, 2])]
     assert len({p["recipe_key"] for p in points}) == 1          # what the user configured, whatever the job chose
     assert basis_mod.recipe_points({"points": points}) == points
     # the same batch scanned under both recipes is ambiguous: refused, with the batch
     loaded.append(("r8192-3", scan_report(8192, 3, {"recipe": "standard"}), None))
-    with pytest.raises(basis_mod.ReportError, match=r"two points .* global batch \(\[8192\]\)"):
-        basis_mod.recipe_points({"points": basis_mod.scan_points(loaded)})
+    with pytest.raises(ReportError, match=r"two points .* global batch \(\[8192\]\)"):
+        basis_mod.recipe_points({"points": scan_mod.scan_points(loaded)})
+
+
+# ---------------------------------------------------------------------------------------------
+# train.global_batch_size: auto (scaling.choose) and the run's own recipe's basis
+
+from fmnist_dist import scaling  # noqa: E402
+
+THROUGHPUT = {"precisions": {"bf16": {"batches": [16, 32, 64, 128, 256, 512],
+                                      "images_per_s": [1500, 2400, 3200, 3700, 3900, 4000]}}}
+GRAD = 1_400_000
+
+
+def a_basis(accuracies: dict[int, float], recipe: str = "fast") -> dict:
+    cfg = config_mod.load(str(ROOT / f"configs/{recipe}.yaml"))
+    points = [point(g, [a - 0.001, a, a + 0.001], [5, 6, 7], epochs=8) if a >= 0.92 else point(g, [a] * 3, [None] * 3, 8)
+              for g, a in sorted(accuracies.items())]
+    return {"recipe": recipe, "config": cfg, "target": 0.92, "points": points, "throughput": THROUGHPUT}
+
+
+def choose(ranks: int, nodes: int, basis: dict | None, **train_keys) -> dict:
+    t = {"batch_size": 256, "interconnect": "25gbe", "target_accuracy": None, **train_keys}
+    return scaling.choose(ranks, nodes, t, basis, "bf16", GRAD, 55000, 0.92)
+
+
+def test_auto_keeps_weak_scaling_where_the_larger_batch_keeps_the_accuracy():
+    c = choose(2, 1, a_basis({512: 0.925, 1024: 0.923, 2048: 0.91}))
+    assert (c["global_batch"], c["mode"]) == (512, "weak")
+
+
+def test_auto_turns_to_strong_scaling_where_weak_would_lose_accuracy_and_says_why():
+    c = choose(8, 4, a_basis({512: 0.925, 1024: 0.923, 2048: 0.91}))
+    assert (c["global_batch"], c["mode"]) == (1024, "strong")     # 128 per rank: fewer, cheaper steps than 512
+    rejected = {r["global_batch"]: r["rejected"] for r in c["candidates"] if "rejected" in r}
+    assert rejected[2048] == "expected 91.00% < target 92.0%"      # weak scaling's batch, refused for accuracy
+    assert rejected[512].startswith("projected ")                 # reaches it, but later
+    assert "1024 (128 per rank, strong scaling)" in c["reason"]
+
+
+def test_auto_never_splits_below_the_smallest_rank_batch():
+    c = choose(32, 16, a_basis({512: 0.925, 1024: 0.923, 2048: 0.921}))
+    assert min(r["per_rank"] for r in c["candidates"]) >= scaling.MIN_RANK_BATCH
+    assert c["global_batch"] in (1024, 2048)
+
+
+def test_auto_without_a_basis_or_without_a_reachable_batch_is_weak_scaling_and_says_so():
+    c = choose(4, 2, None)
+    assert c["global_batch"] is None and c["mode"] == "weak" and "no accuracy basis" in c["reason"]
+    c = choose(4, 2, a_basis({512: 0.90, 1024: 0.89}))
+    assert c["global_batch"] is None and "reaches 92.0%" in c["reason"]
+    assert plan_batches(train(global_batch="auto"), 4, c["global_batch"]).global_batch == 1024
+
+
+def test_explicit_batch_settings_win_over_auto():
+    assert plan_batches(train(global_batch=2048), 4, chosen=512).global_batch == 2048
+    assert plan_batches(train(global_batch=None), 4, chosen=512).global_batch == 1024
+    auto = plan_batches(train(global_batch="auto"), 8, chosen=1024)
+    assert (auto.global_batch, auto.mode, auto.per_rank, auto.lr_factor) == (1024, "strong", 128, 4)
+
+
+def test_the_network_term_grows_with_ranks_and_nodes():
+    assert scaling.allreduce_s(1, 1, GRAD, "25gbe") == 0
+    within, across = scaling.allreduce_s(2, 1, GRAD, "25gbe"), scaling.allreduce_s(2, 2, GRAD, "25gbe")
+    assert 0 < within < across
+    assert scaling.allreduce_s(16, 8, GRAD, "10gbe") > scaling.allreduce_s(16, 8, GRAD, "hdr-ib")
+
+
+def test_a_run_gets_its_own_recipes_basis_or_none_never_another():
+    lean = a_basis({512: 0.925}, recipe="lean")
+    fast_cfg = config_mod.load(str(ROOT / "configs/fast.yaml"))
+    assert basis_mod.for_config(fast_cfg, (lean,)) is None
+    same = config_mod.load(str(ROOT / "configs/lean.yaml"),
+                           ["train.seed=7", "train.time_limit=600", "train.target_accuracy=0.93",
+                            "intel.intra_op_threads=1", "train.global_batch_size=1024"])
+    assert basis_mod.for_config(same, (lean,)) is lean                     # neither seeds nor stops change the recipe
+    assert basis_mod.for_config(config_mod.load(str(ROOT / "configs/lean.yaml"), ["train.epochs=9"]), (lean,)) is None
+    assert basis_mod.target_of(same, lean) == 0.93 and basis_mod.target_of(fast_cfg, lean) == 0.92
+
+
+def test_every_shipped_basis_matches_its_recipe_file():
+    for b in basis_mod.shipped():
+        cfg = config_mod.load(str(ROOT / f"configs/{b['recipe']}.yaml"))
+        assert basis_mod.for_config(cfg) is b, b["path"]
+    check = basis_mod.launch_check(config_mod.load(str(ROOT / "configs/lean.yaml"), ["model.layers=[]"]), 512)
+    assert check["basis"] is None and "no accuracy basis was measured for this recipe" in check["note"]
+
+
+def projected(accuracies: dict[int, float], nodes=(1, 2, 4, 8, 16)) -> dict:
+    """The projection of a 2-rank run of 256 per rank (65 ms of compute per step) with a basis."""
+    from fmnist_dist.reporting import projection
+
+    base = {"run": "r", "ranks": 2, "hosts": 1, "batch": 256, "global_batch": 512, "precision": "bf16",
+            "config": {"train": {"batch_size": 256}}, "gradient_bytes": GRAD, "train_size": 55000, "steps": 107,
+            "steps_cap": None, "compute_step_s": 0.065, "data_s": 0.5, "rest_s": 0.5}
+    cm = projection.comm_model(None, network="25gbe")
+    proj = {"base": base, "comm": cm, "rows": [dict(projection.predict(base, cm, 2 * n, nodes=n), nodes=n) for n in nodes]}
+    projection.add_time_to_accuracy(proj, {"basis": a_basis(accuracies), "target": 0.92})
+    return proj
+
+
+def test_time_to_accuracy_under_weak_strong_and_the_jobs_choice():
+    proj = projected({512: 0.925, 1024: 0.923, 2048: 0.91, 4096: 0.88})
+    by_nodes = {r["nodes"]: r["time_to_target"] for r in proj["rows"]}
+    assert by_nodes[2]["weak"]["global_batch"] == 1024 and by_nodes[4]["weak"]["time_to_target_s"] is None  # 2048: 91%
+    assert all(t["strong"]["global_batch"] == 512 for t in by_nodes.values())
+    auto = [by_nodes[n]["auto"]["time_to_target_s"] for n in (1, 2, 4, 8)]
+    assert all(a > b for a, b in zip(auto, auto[1:])), auto           # more nodes, sooner, under the job's choice
+    for t in by_nodes.values():                                         # the choice is never slower than either rule
+        timed = [t[k]["time_to_target_s"] for k in ("weak", "strong") if t[k] and t[k]["time_to_target_s"]]
+        assert t["auto"]["time_to_target_s"] <= min(timed) * (1 + scaling.TIE) + 1e-9
+    # 8 epochs x 107 steps x (65 ms + the allreduce) at 1 node, 5 to 7 epochs to 92% per seed: the slowest, 7
+    one = by_nodes[1]["auto"]
+    assert one["global_batch"] == 512 and one["time_to_target_s"] == pytest.approx(7 * one["epoch_s"])
+    assert proj["accuracy"]["lines"][-1].startswith("auto: fastest to 92.0% at 16 nodes")
+
+
+def test_time_to_accuracy_renders_a_table_per_use_of_the_nodes():
+    from fmnist_dist.reporting import projection
+
+    head, rows = projection.time_to_target_table(projected({512: 0.925, 1024: 0.90}, nodes=(1, 2)))
+    assert head[:5] == ["nodes", "ranks", "weak batch", "weak acc", "weak s"] and len(rows) == 2
+    assert rows[1][2:5] == ["1024", "90.00%", "—"]                      # weak at 2 nodes: below the target

@@ -3,8 +3,8 @@
 One row per run directory, whatever its state: completed, running (or killed while running),
 failed, preempted, or unreadable (no report, corrupt, another schema version: the reason is
 shown). Speedup and parallel efficiency are computed within a *recipe*: runs whose resolved
-configs are equal once the world-dependent keys are left out (WORLD_KEYS: thread counts, affinity,
-data location, report options). The baseline of a recipe is its smallest world size among its
+configs are equal once the experiment-neutral keys are left out (config.EXPERIMENT_NEUTRAL: thread
+counts, affinity, data location, time limits, report options). The baseline of a recipe is its smallest world size among its
 completed runs (among all its runs with a finished epoch when none completed); with several runs of
 that size, the mean of their images/s.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import os
@@ -28,15 +27,11 @@ from typing import Any
 from .. import config as config_mod
 from ..timing.breakdown import breakdown_rows
 from .render import precision_label
+from . import projection
 from . import report as report_mod
 
 COMPARISON_SCHEMA = "fmnist-dist/comparison"
 COMPARISON_VERSION = 1
-WORLD_KEYS = frozenset({
-    "intel.intra_op_threads", "intel.inter_op_threads", "intel.kmp_affinity", "intel.kmp_blocktime",
-    "data.dir", "data.download", "data.url", "data.cache_dir",
-})
-WORLD_PREFIXES = ("report.", "checkpoint.")
 # (key, heading, format for text/md); csv and json carry the raw values.
 COLUMNS = (
     ("run", "run", "{}"), ("status", "status", "{}"), ("recipe", "recipe", "{}"),
@@ -83,10 +78,8 @@ def load_all(paths: list[str]) -> list[tuple[str, dict | None, str | None]]:
 
 
 def recipe_key(config: dict) -> str:
-    """A short hash of the config minus world-dependent keys: equal for runs of the same recipe."""
-    flat = {k: v for k, v in config_mod.flat(config).items()
-            if k not in WORLD_KEYS and not k.startswith(WORLD_PREFIXES)}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+    """A short hash of the config minus the experiment-neutral keys: equal for runs of the same recipe."""
+    return config_mod.experiment_key(config)
 
 
 def config_name(report: dict) -> str:
@@ -278,12 +271,10 @@ def rows_from_json(text: str) -> list[dict]:
 
 def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[dict], nodes, ranks_per_node=None,
                 latency_s=None, bandwidth_Bps=None, latency_model="ring",
-                accuracy: dict | None = None) -> tuple[list[dict], list[dict], list[str]]:
+                accuracy=None, network: str = "25gbe") -> tuple[list[dict], list[dict], list[str]]:
     """Per recipe: a projection from its smallest completed run (communication from its largest
-    multi-rank run), and a validation of every larger measured run. Returns (projections,
-    validations, problems)."""
-    from . import projection
-
+    multi-rank run), and a validation of every larger measured run. `accuracy(report)` gives a run's
+    accuracy basis and target (or None). Returns (projections, validations, problems)."""
     reports = {p: r for p, r, _ in loaded if r is not None}
     projs, vals, problems = [], [], []
     for key in sorted({r["recipe_key"] for r in rows if r["recipe_key"]}):
@@ -298,7 +289,8 @@ def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[di
         try:
             proj = projection.project(reports[base["path"]], reports[comm_src["path"]] if comm_src else None,
                                       nodes=nodes, ranks_per_node=ranks_per_node, latency_s=latency_s,
-                                      bandwidth_Bps=bandwidth_Bps, latency_model=latency_model, accuracy=accuracy)
+                                      bandwidth_Bps=bandwidth_Bps, latency_model=latency_model,
+                                      accuracy=accuracy(reports[base["path"]]) if accuracy else None, network=network)
             proj["recipe"] = base["recipe"]
             projs.append(proj)
         except projection.ProjectionError as e:

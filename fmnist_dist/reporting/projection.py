@@ -6,20 +6,29 @@ The model (weak scaling: every rank keeps its batch size, so the global batch gr
   time per step(p)  = compute per step + communication per step(p)
   compute per step  = the slowest rank's (step time - communication) per step in the base run's
                       steady epochs (epoch 1 is left out when there are more: it holds tracing),
-                      assumed unchanged with p (same threads per rank, same per-rank batch)
+                      unchanged with p at the same per-rank batch b0; at another per-rank batch b,
+                      x (b / b0) x speed(b0) / speed(b), speed being one rank's measured images/s
+                      against its batch (the recipe's accuracy basis, fmnist_dist/bases)
   communication(p)  = k * [ h(p) * latency_hop + 2(p-1)/p * gradient_bytes / link_bandwidth ]
                       ring allreduce: h(p) = 2(p-1) latency hops (`tree`: 2 ceil(log2 p)), and
                       each rank sends and receives 2(p-1)/p of the gradients
-  latency_hop, link_bandwidth: from the allreduce probe's fit seconds = latency + bytes/bandwidth
-                      measured on p0 ranks (latency = h(p0) latency_hop, 1/bandwidth =
-                      2(p0-1)/p0 / link_bandwidth), or given (--latency-us, --bandwidth-gbs)
-  k                 = calibration: the communication per step recorded in the comm-source run
-                      (Horovod timeline, or the probe's grouped allreduce) / the fit's prediction
-                      for p0 ranks: how much worse training's allreduce is than the isolated one
+  latency_hop, link_bandwidth: within one node, from the allreduce probe's fit seconds = latency +
+                      bytes/bandwidth measured on p0 ranks (latency = h(p0) latency_hop, 1/bandwidth
+                      = 2(p0-1)/p0 / link_bandwidth); across nodes, the --network preset's nominal
+                      figures (scaling.NETWORKS) or given ones (--latency-us, --bandwidth-gbs)
+  k                 = calibration (within one node): the communication per step recorded in the
+                      comm-source run (Horovod timeline, or the probe's grouped allreduce) / the
+                      fit's prediction for p0 ranks: how much worse training's allreduce is than
+                      the isolated one
   steps per epoch(p)= floor(training images / (p * batch per rank)), capped by train.steps_per_epoch
   time per epoch(p) = steps(p) * time per step(p) + data input (scaled with steps) + a fixed
                       per-epoch rest (fit overhead, wait), both from the base run
   speedup(p) = images/s(p) / images/s(base); efficiency = speedup / (p / base ranks)
+
+With the run's recipe's accuracy basis, each node count also gets the time to the target under
+three uses of its ranks: weak scaling (the base run's batch per rank), strong scaling (the base run's
+global batch split thinner) and the job's own choice (train.global_batch_size=auto, scaling.choose):
+the epochs to the target the basis measured at that global batch x the projected s/epoch.
 
 `validate(base, target)` projects a measured larger run from a smaller one (here: 1 rank -> 2
 ranks, the communication taken from the target run, as one would take it from a probe on the
@@ -37,9 +46,13 @@ from __future__ import annotations
 import math
 import statistics
 
+from .. import basis as basis_mod
+from .. import config as config_mod
+from .. import scaling
 from ..errors import ProjectionError
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_NETWORK = "25gbe"
 ERROR_FLOOR = 0.15
 # A validation compares like with like only if the target's threads did not wait for a core much
 # more than the base's (cpu_wait_share, from the scheduler): else the node was oversubscribed.
@@ -88,6 +101,9 @@ def measure(report: dict) -> dict:
         "hosts": len(w["hosts"]),
         "threads": report["environment"].get("intra_op_threads"),
         "batch": report["data"]["batch_size_per_rank"], "train_size": report["data"]["train_size"],
+        "global_batch": report["data"].get("global_batch_size") or report["data"]["batch_size_per_rank"] * w["size"],
+        "precision": "fp32" if (report.get("segments") or [{}])[0].get("precision", "fp32") == "fp32" else "bf16",
+        "config": report.get("config") or {},
         "steps_cap": (report.get("config") or {}).get("train", {}).get("steps_per_epoch"),
         "steps": statistics.median(steps),
         "compute_step_s": statistics.median(compute), "comm_step_s": statistics.median(comm),
@@ -95,7 +111,7 @@ def measure(report: dict) -> dict:
         "epoch_s": statistics.median(epoch_s), "data_s": statistics.median(data_s),
         "noise": statistics.median(spreads) / 2 if spreads else 0.0,
         "cpu_wait_share": statistics.median(waits) if waits else None,
-        "gradient_bytes": probe.get("gradient_bytes"), "fit": probe.get("fit"),
+        "gradient_bytes": probe.get("gradient_bytes") or _gradient_bytes(report), "fit": probe.get("fit"),
         "probe_ranks": probe.get("ranks"), "epochs_used": [e["epoch"] for e in epochs],
     }
     m["rest_s"] = max(0.0, m["epoch_s"] - m["steps"] * (m["compute_step_s"] + m["comm_step_s"]) - m["data_s"])
@@ -109,9 +125,18 @@ def hops(p: int, model: str) -> float:
     return 2.0 * math.ceil(math.log2(p)) if model == "tree" else 2.0 * (p - 1)
 
 
+def _gradient_bytes(report: dict) -> int | None:
+    layers = ((report.get("config") or {}).get("model") or {}).get("layers")
+    try:
+        return config_mod.trainable_parameters(layers) * scaling.GRADIENT_BYTES_PER_WEIGHT if layers else None
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
 def comm_model(source: dict | None, latency_s: float | None = None, bandwidth_Bps: float | None = None,
-               latency_model: str = "ring") -> dict:
-    """Per-hop latency, link bandwidth and calibration k, from a multi-rank run and/or given numbers."""
+               latency_model: str = "ring", network: str = DEFAULT_NETWORK) -> dict:
+    """Per-hop latency, link bandwidth and calibration k within one node (from a multi-rank run's
+    probe, else the nominal shared-memory figures) and across nodes (given, else the network preset)."""
     if source is not None and source["ranks"] > 1 and source.get("fit") and source.get("gradient_bytes"):
         p0, fit, n = source["ranks"], source["fit"], source["gradient_bytes"]
         hop = fit["latency_s"] / hops(p0, latency_model)
@@ -121,44 +146,60 @@ def comm_model(source: dict | None, latency_s: float | None = None, bandwidth_Bp
         out = {"latency_hop_s": hop, "link_Bps": link, "k": k, "p0": p0, "source": source["run"],
                "source_method": source["comm_method"], "measured_step_s": source["comm_step_s"],
                "gradient_bytes": n, "same_host": source["hosts"] == 1}
-    elif latency_s is None or bandwidth_Bps is None:
-        raise ProjectionError("no allreduce cost to project with: the run has 1 rank (no allreduce is "
-                              "measured); give a multi-rank run of the same config, or --latency-us and "
-                              "--bandwidth-gbs for your network")
     else:
-        out = {"latency_hop_s": None, "link_Bps": None, "k": 1.0, "p0": None, "source": None,
-               "source_method": None, "measured_step_s": None, "gradient_bytes": None, "same_host": False}
-    if latency_s is not None:
-        out["latency_hop_s"] = latency_s
-    if bandwidth_Bps is not None:
-        out["link_Bps"] = bandwidth_Bps
-    out["given"] = latency_s is not None or bandwidth_Bps is not None
+        hop, link = scaling.NETWORKS["shm"]
+        out = {"latency_hop_s": hop, "link_Bps": link, "k": 1.0, "p0": None, "source": None,
+               "source_method": None, "measured_step_s": None, "gradient_bytes": None, "same_host": True}
+    if latency_s is not None and bandwidth_Bps is not None:
+        out["network"] = {"name": "given", "latency_hop_s": latency_s, "link_Bps": bandwidth_Bps}
+    elif latency_s is not None or bandwidth_Bps is not None:
+        raise ProjectionError("give both --latency-us and --bandwidth-gbs, or a --network preset")
+    else:
+        hop, link = scaling.NETWORKS[network]
+        out["network"] = {"name": network, "latency_hop_s": hop, "link_Bps": link}
     out["latency_model"] = latency_model
     return out
 
 
-def comm_step(cm: dict, p: int, gradient_bytes: int) -> float:
+def comm_step(cm: dict, p: int, gradient_bytes: int, nodes: int = 1) -> float:
+    """One step's allreduce on p ranks: within one node with the probe's figures (x k), across nodes
+    with the network's."""
     if p <= 1:
         return 0.0
-    return cm["k"] * (hops(p, cm["latency_model"]) * cm["latency_hop_s"]
-                      + 2 * (p - 1) / p * gradient_bytes / cm["link_Bps"])
+    k, hop, link = (cm["k"], cm["latency_hop_s"], cm["link_Bps"]) if nodes <= 1 else \
+        (1.0, cm["network"]["latency_hop_s"], cm["network"]["link_Bps"])
+    return k * (hops(p, cm["latency_model"]) * hop + 2 * (p - 1) / p * gradient_bytes / link)
 
 
-def steps_for(base: dict, p: int) -> int:
-    full = base["train_size"] // (p * base["batch"])
+def steps_for(base: dict, p: int, per_rank: int | None = None) -> int:
+    full = base["train_size"] // (p * (per_rank or base["batch"]))
     return min(full, base["steps_cap"]) if base["steps_cap"] else full
 
 
-def predict(base: dict, cm: dict, p: int, steps: int | None = None) -> dict:
-    steps = steps_for(base, p) if steps is None else steps
+def compute_at(base: dict, per_rank: int, throughput: dict | None) -> float:
+    """The base run's compute per step carried to another per-rank batch along the measured curve
+    (proportionally to the images where there is no curve or it does not reach that batch)."""
+    b0, step = base["batch"], base["compute_step_s"]
+    if per_rank == b0:
+        return step
+    s0 = scaling.rank_images_per_s(throughput, b0) if throughput else None
+    s1 = scaling.rank_images_per_s(throughput, per_rank) if throughput else None
+    return step * per_rank / b0 * (s0 / s1 if s0 and s1 else 1.0)
+
+
+def predict(base: dict, cm: dict, p: int, steps: int | None = None, nodes: int = 1, per_rank: int | None = None,
+            throughput: dict | None = None) -> dict:
+    b = per_rank or base["batch"]
+    steps = steps_for(base, p, b) if steps is None else steps
     n = base["gradient_bytes"] or cm.get("gradient_bytes") or 0
-    comm = comm_step(cm, p, n) if p > 1 else 0.0
-    step = base["compute_step_s"] + comm
-    data = base["data_s"] * steps / base["steps"] if base["steps"] else base["data_s"]
+    comm = comm_step(cm, p, n, nodes) if p > 1 else 0.0
+    compute = compute_at(base, b, throughput)
+    step = compute + comm
+    data = base["data_s"] * steps * b / (base["steps"] * base["batch"]) if base["steps"] else base["data_s"]
     epoch = steps * step + data + base["rest_s"]
-    return {"ranks": p, "steps": steps, "compute_step_s": base["compute_step_s"], "comm_step_s": comm,
+    return {"ranks": p, "per_rank": b, "steps": steps, "compute_step_s": compute, "comm_step_s": comm,
             "step_s": step, "epoch_s": epoch,
-            "images_per_s": p * base["batch"] * steps / epoch if epoch > 0 and steps > 0 else 0.0}
+            "images_per_s": p * b * steps / epoch if epoch > 0 and steps > 0 else 0.0}
 
 
 def stated_error(base: dict) -> float:
@@ -167,24 +208,24 @@ def stated_error(base: dict) -> float:
 
 def project(base_report: dict, comm_report: dict | None = None, nodes=NODES, ranks_per_node: int | None = None,
             latency_s: float | None = None, bandwidth_Bps: float | None = None,
-            latency_model: str = "ring", accuracy: dict | None = None) -> dict:
-    """Projection table for `nodes` nodes of `ranks_per_node` ranks each (default: as in the base run).
-    With `accuracy` ({"points": a recipe's points of the accuracy basis, "recipe", "target"}), each
-    row also gets the accuracy expected at its global batch and the time to the target."""
+            latency_model: str = "ring", accuracy: dict | None = None, network: str = DEFAULT_NETWORK) -> dict:
+    """Projection table for `nodes` nodes of `ranks_per_node` ranks each (default: as in the base run),
+    weak scaling. With `accuracy` ({"basis": the run's recipe's accuracy basis, "target"}), each row
+    also gets the time to the target under weak and strong scaling and the job's own choice."""
     base = measure(base_report)
     source = measure(comm_report) if comm_report is not None else (base if base["ranks"] > 1 else None)
-    cm = comm_model(source, latency_s, bandwidth_Bps, latency_model)
+    cm = comm_model(source, latency_s, bandwidth_Bps, latency_model, network)
     if not base["gradient_bytes"]:
         base["gradient_bytes"] = cm.get("gradient_bytes")
     if not base["gradient_bytes"]:
         raise ProjectionError(f"run {base['run']} records no gradient size (written before the allreduce probe existed)")
     rpn = ranks_per_node or base["ranks_per_node"]
-    here = predict(base, cm, base["ranks"], steps=int(base["steps"]))
+    here = predict(base, cm, base["ranks"], steps=int(base["steps"]), nodes=base["hosts"])
     ref_ips = here["images_per_s"]
     rows = []
     for n in nodes:
         p = n * rpn
-        row = predict(base, cm, p)
+        row = predict(base, cm, p, nodes=n)
         row["nodes"] = n
         if row["steps"] < 1:
             row.update(epoch_s=None, images_per_s=None, speedup=None, efficiency=None,
@@ -200,6 +241,70 @@ def project(base_report: dict, comm_report: dict | None = None, nodes=NODES, ran
     return proj
 
 
+SCENARIOS = ("weak", "strong", "auto")
+
+
+def scenario(proj: dict, nodes: int, ranks: int, global_batch: int | None, points: list[dict], target: float,
+             throughput: dict | None) -> dict | None:
+    """One use of `ranks`: its global batch, the accuracy the basis expects, s/epoch and time to target."""
+    if not global_batch or global_batch < ranks:
+        return None
+    base, per_rank = proj["base"], global_batch // ranks
+    pred = predict(base, proj["comm"], ranks, nodes=nodes, per_rank=per_rank, throughput=throughput)
+    e = basis_mod.expect(points, global_batch, target)
+    reached = e["epochs_to_target"] is not None and e["accuracy_mean"] is not None and e["accuracy_mean"] >= target
+    return {"global_batch": global_batch, "per_rank": per_rank, "epoch_s": pred["epoch_s"], "steps": pred["steps"],
+            "expected_accuracy": e["accuracy_mean"], "expected_accuracy_sd": e["accuracy_sd"], "within_basis": e["within"],
+            "epochs_to_target": e["epochs_to_target"] if reached else None,
+            "time_to_target_s": e["epochs_to_target"] * pred["epoch_s"] if reached and pred["steps"] else None}
+
+
+def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
+    """Per row: weak, strong and the job's choice, each with its global batch, expected accuracy and
+    time to the target; and per use, the node count after which more nodes stop shortening it."""
+    b, target, base = accuracy["basis"], accuracy["target"], proj["base"]
+    points = basis_mod.recipe_points(b)
+    curves = (b.get("throughput") or {}).get("precisions") or {}
+    throughput = curves.get(base["precision"]) or next(iter(curves.values()), None)
+    train = {**(base["config"].get("train") or {}), "batch_size": base["config"].get("train", {}).get("batch_size", base["batch"]),
+             "interconnect": proj["comm"]["network"]["name"]}
+    network = proj["comm"]["network"]
+    for row in proj["rows"]:
+        n, p = row["nodes"], row["ranks"]
+        choice = scaling.choose(p, n, train, b, base["precision"], base["gradient_bytes"], base["train_size"], target,
+                                network=(network["latency_hop_s"], network["link_Bps"]))
+        batches = {"weak": p * base["batch"], "strong": base["global_batch"] // p * p,
+                   "auto": choice["global_batch"] or p * base["batch"]}
+        row["time_to_target"] = {k: scenario(proj, n, p, g, points, target, throughput) for k, g in batches.items()}
+        row["choice"] = choice["reason"]
+    lo, hi = basis_mod.measured_range(points)
+    fastest = {}
+    for k in SCENARIOS:
+        timed = [(r["nodes"], r["time_to_target"][k]["time_to_target_s"]) for r in proj["rows"]
+                 if r["time_to_target"][k] and r["time_to_target"][k]["time_to_target_s"] is not None]
+        fastest[k] = min(timed, key=lambda x: x[1]) if timed else None
+    proj["accuracy"] = {
+        "recipe": b["recipe"], "target": target, "measured": [lo, hi], "fastest": fastest,
+        "throughput": throughput is not None,
+        "lines": [
+            f"accuracy basis: the {b['recipe']} recipe's scan ({len(points)} global batches, {lo}–{hi}, "
+            f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
+            f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; {b.get('path', 'given')}); interpolated "
+            "in log2(global batch) between measured points, nothing claimed outside them",
+            f"epochs to {target:.1%}: the first epoch at which every seed's validation accuracy reached it, in the "
+            f"scan's {points[0]['epochs']}-epoch schedule, where the mean test accuracy reached it too; time to target "
+            "= those epochs x the projected s/epoch (start-up and evaluation excluded)",
+            f"weak: {base['batch']} per rank; strong: the base run's global batch {base['global_batch']}; auto: "
+            "what train.global_batch_size=auto would choose on that many ranks (scaling.choose)",
+            "compute at other per-rank batches: " + ("along the recipe's measured throughput curve "
+                                                     f"({base['precision']})" if throughput else
+                                                     "proportional to the images (no throughput curve in the basis)"),
+        ] + [f"{k}: " + (f"fastest to {target:.1%} at {f[0]} node{'s' if f[0] != 1 else ''} ({f[1]:.0f} s)" if f
+                         else f"reaches {target:.1%} at no node count within the basis")
+             for k, f in fastest.items()],
+    }
+
+
 def optimizers(points: list[dict]) -> str:
     """Which optimizer and warm-up the job used at which global batches of the basis."""
     runs: list[list] = []
@@ -210,44 +315,6 @@ def optimizers(points: list[dict]) -> str:
         else:
             runs.append([setting, p["global_batch"], p["global_batch"]])
     return ", ".join(f"{s} at {lo}" + (f"–{hi}" if hi != lo else "") for s, lo, hi in runs)
-
-
-def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
-    """Per row: the global batch (weak scaling), the accuracy the basis expects there, the epochs to
-    the target (the slowest seed) and so the time; and the node count after which more nodes no
-    longer shorten that time."""
-    from . import basis
-
-    points, target, batch = accuracy["points"], accuracy["target"], proj["base"]["batch"]
-    for row in proj["rows"]:
-        g = row["ranks"] * batch
-        e = basis.expect(points, g, target)
-        row.update(global_batch=g, expected_accuracy=e["accuracy_mean"], expected_accuracy_sd=e["accuracy_sd"],
-                   epochs_to_target=e["epochs_to_target"], within_basis=e["within"],
-                   time_to_target_s=(e["epochs_to_target"] * row["epoch_s"]
-                                     if e["epochs_to_target"] is not None and row.get("epoch_s") else None))
-    timed = [r for r in proj["rows"] if r["time_to_target_s"] is not None]
-    best = min(timed, key=lambda r: r["time_to_target_s"]) if timed else None
-    lo, hi = basis.measured_range(points)
-    proj["accuracy"] = {
-        "recipe": accuracy["recipe"], "target": target, "measured": [lo, hi],
-        "fastest_nodes": best["nodes"] if best else None,
-        "fastest_time_s": best["time_to_target_s"] if best else None,
-        "lines": [
-            f"accuracy basis: the {accuracy['recipe']} recipe's scan ({len(points)} global batches, {lo}–{hi}, "
-            f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
-            f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; reporting/accuracy_basis.json); "
-            "interpolated in log2(global "
-            "batch) between measured points, nothing claimed outside them",
-            f"epochs to {target:.0%}: the first epoch at which every seed's validation accuracy reached it, in the "
-            f"scan's {points[0]['epochs']}-epoch schedule (a shorter schedule decays sooner, so this is an upper "
-            "bound for it); time to target = those epochs x the projected s/epoch (start-up and evaluation excluded)",
-            (f"more nodes stop shortening the time to {target:.0%} after {best['nodes']} node{'s' if best['nodes'] != 1 else ''} "
-             f"({best['time_to_target_s']:.0f} s): beyond, the global batch needs more epochs than the nodes save, "
-             f"or the basis does not reach {target:.0%} there" if best else
-             f"no node count reaches {target:.0%} within the basis"),
-        ],
-    }
 
 
 def validate(base_report: dict, target_report: dict, latency_model: str = "ring") -> dict:
@@ -304,20 +371,22 @@ def assumptions(base: dict, cm: dict, rpn: int) -> list[str]:
         f"{cm['latency_model']} allreduce: {'2(p-1)' if cm['latency_model'] == 'ring' else '2 ceil(log2 p)'} "
         f"latency hops + 2(p-1)/p x bytes / link bandwidth",
     ]
-    if cm.get("latency_hop_s") is not None:
-        lines.append(f"latency per hop {1e6 * cm['latency_hop_s']:.0f} µs, link bandwidth {cm['link_Bps'] / 1e9:.2f} GB/s"
-                     + (" (given on the command line)" if cm.get("given") else
-                        f" (from the allreduce probe's fit on {cm['p0']} ranks of run {cm['source']})"))
+    net = cm["network"]
+    lines.append(f"within one node: latency per hop {1e6 * cm['latency_hop_s']:.0f} µs, link bandwidth "
+                 f"{cm['link_Bps'] / 1e9:.2f} GB/s" + (f" (from the allreduce probe's fit on {cm['p0']} ranks of run "
+                                                      f"{cm['source']})" if cm.get("source") else
+                                                      " (nominal shared memory: the run has no multi-rank probe)"))
+    lines.append(f"across nodes: latency per hop {1e6 * net['latency_hop_s']:.0f} µs, link bandwidth "
+                 f"{net['link_Bps'] / 1e9:.2f} GB/s" + (" (given on the command line)" if net["name"] == "given" else
+                                                       f" (--network {net['name']}, nominal: scaling.NETWORKS)"))
     if cm.get("source"):
-        lines.append(f"calibration k = {cm['k']:.2f}: run {cm['source']} recorded {1e3 * cm['measured_step_s']:.1f} ms "
-                     f"of communication per step ({cm['source_method']}), k times the fit's prediction "
-                     f"(training reduces the gradients in several rounds while compute competes for the cores)")
+        lines.append(f"calibration k = {cm['k']:.2f} within one node: run {cm['source']} recorded "
+                     f"{1e3 * cm['measured_step_s']:.1f} ms of communication per step ({cm['source_method']}), k times "
+                     "the fit's prediction (training reduces the gradients in several rounds while compute competes "
+                     "for the cores)")
         if cm["source_method"] == "probe":
             lines.append("the communication recorded was estimated by the probe, not measured: projected "
                          "times are likely optimistic; run with report.timeline: true for a measured value")
-    if cm.get("same_host") and not cm.get("given"):
-        lines.append("the probe ran within one host (shared memory); between nodes latency is higher and "
-                     "bandwidth lower: pass --latency-us/--bandwidth-gbs for your interconnect")
     lines += [
         f"steps per epoch: {base['train_size']} training images / (ranks x {base['batch']})"
         + (f", at most {base['steps_cap']} (train.steps_per_epoch)" if base["steps_cap"] else ""),
@@ -343,21 +412,33 @@ def render(proj: dict, fmt: str = "text") -> list[str]:
              f"{1e3 * r['comm_step_s']:.1f}", _f(r["epoch_s"], "{:.2f}"), _f(r["images_per_s"], "{:.0f}"),
              _f(r["speedup"], "{:.2f}x"), _f(r["efficiency"], "{:.0%}")] for r in proj["rows"]]
     acc = proj.get("accuracy")
-    if acc:
-        head += ["global batch", "acc expected", f"epochs to {acc['target']:.0%}", f"s to {acc['target']:.0%}"]
-        for row, r in zip(rows, proj["rows"]):
-            expected = (f"{r['expected_accuracy']:.2%} ±{r['expected_accuracy_sd']:.2%}"
-                        if r["expected_accuracy"] is not None else "unmeasured")
-            row += [str(r["global_batch"]), expected,
-                    _f(r["epochs_to_target"], "{}") if r["within_basis"] else "unmeasured",
-                    _f(r["time_to_target_s"], "{:.0f}")]
     lines = [title if fmt != "md" else f"### {title}", ""]
     lines += _table(head, rows, fmt)
     if acc:
+        lines += ["", f"Time to {acc['target']:.1%} ({acc['recipe']} recipe): global batch, expected test accuracy, "
+                      "seconds of training", ""]
+        lines += _table(*time_to_target_table(proj), fmt)
         lines += ["", "Time to accuracy:"] + [("- " if fmt == "md" else "  - ") + a for a in acc["lines"]]
     lines += ["", "Assumptions:", ""] if fmt == "md" else ["", "Assumptions:"]
     lines += [("- " if fmt == "md" else "  - ") + a for a in proj["assumptions"]]
     return lines
+
+
+def time_to_target_table(proj: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["nodes", "ranks"] + [f"{k} {c}" for k in SCENARIOS for c in ("batch", "acc", "s")]
+    rows = []
+    for r in proj["rows"]:
+        cells = [str(r["nodes"]), str(r["ranks"])]
+        for k in SCENARIOS:
+            sc = r["time_to_target"][k]
+            if sc is None:
+                cells += ["—", "—", "—"]
+                continue
+            cells += [str(sc["global_batch"]),
+                      f"{sc['expected_accuracy']:.2%}" if sc["expected_accuracy"] is not None else "unmeasured",
+                      _f(sc["time_to_target_s"], "{:.0f}")]
+        rows.append(cells)
+    return head, rows
 
 
 def render_validation(v: dict, fmt: str = "text") -> list[str]:

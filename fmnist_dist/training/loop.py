@@ -19,11 +19,10 @@ import tensorflow as tf
 
 from .. import config as config_mod
 from .. import data as data_mod
-from .. import lease, preflight
+from .. import basis, lease, preflight, scaling
 from ..config import describe_layers
 from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError, ReportWriteError, RunDirError
 from ..files import now_iso
-from ..reporting import basis
 from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
@@ -56,7 +55,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     # 1. Runtime. [hvd] init; one intra-op pool per rank, sized to its own cores; the precision
     #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
     rt = runtime.start(ns)
-    plan_batches(ns.train, rt.size)               # a batch that does not split fails before any write
+    choice = choose_global_batch(rt, ns, cfg)     # train.global_batch_size: auto (else None)
+    plan_batches(ns.train, rt.size, chosen(choice))   # a batch that does not split fails before any write
     stalled = StallRecord.watch(rt, ns, run_dir)
 
     # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
@@ -66,7 +66,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     resuming = agree(rt, lambda: rt.rank == 0 and rundir.prepare(run_dir, overwrite, resume, cfg))
     resuming = rt.hvd_tf.broadcast_object(resuming, root_rank=0)   # [hvd] rank 0 alone looked
     data_load_s = time.perf_counter() - t0
-    plan = EpochPlan.of(dataset, ns, rt.size)
+    plan = EpochPlan.of(dataset, ns, rt.size, chosen(choice))
 
     # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
     #    DistributedOptimizer averages the gradients of all ranks at every step.
@@ -76,7 +76,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     #    broadcast from rank 0 before the first step, so every rank starts from the same point.
     state, resumed_from = restore(rt, run_dir, model, optimizer, cfg, plan, changes) if resuming else (RunState(), None)
     rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)
-    run = Run(rt, ns, cfg, run_dir, plan, dataset, model, optimizer, state, data_load_s=data_load_s)
+    run = Run(rt, ns, cfg, run_dir, plan, dataset, model, optimizer, state, data_load_s=data_load_s, choice=choice)
     run.report, run.segment = new_report(run, started, resumed_from, schedule.peak_lr)
     run.segment["config_changes"] = changes or None             # deliberate, with --allow-change
     stalled.run = run
@@ -169,8 +169,8 @@ class EpochPlan:
     batches: BatchPlan      # weak or strong scaling, and the simulated world size
 
     @classmethod
-    def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int) -> "EpochPlan":
-        batches = plan_batches(ns.train, world)
+    def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int, chosen: int | None = None) -> "EpochPlan":
+        batches = plan_batches(ns.train, world, chosen)
         train_idx, val_idx = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, ns.train.seed)
         steps = data_mod.steps_per_epoch(len(train_idx), world, batches.per_process)
         if ns.train.steps_per_epoch:
@@ -213,6 +213,7 @@ class Run:
     tensorboard: TensorBoardWriter | None = None
     startup_s: float = 0.0
     data_load_s: float = 0.0
+    choice: dict | None = None     # train.global_batch_size=auto: what the job chose, and why
 
 
 def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan, changes: dict) -> tuple[RunState, str]:
@@ -444,7 +445,8 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
                  "test_size": len(run.dataset.y_test), "steps_per_epoch": plan.steps,
                  "batch_size_per_rank": plan.batches.per_rank, "global_batch_size": plan.batches.global_batch,
                  "scaling": {**plan.batches.describe(), **optim.recipe(ns.train, plan.batches),
-                             "accuracy_basis": basis.launch_check(plan.batches.global_batch)}},
+                             "choice": run.choice,
+                             "accuracy_basis": basis.launch_check(run.cfg, plan.batches.global_batch)}},
         "model": {"layers": ns.model.layers, "description": describe_layers(ns.model.layers),
                   "parameters": int(model.count_params()),
                   "trainable_parameters": int(sum(v.shape.num_elements() for v in model.trainable_variables)),
@@ -457,6 +459,30 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
     if scale_warning and rt.rank == 0:
         print(f"fmnist-dist: warning: {scale_warning}", file=sys.stderr, flush=True)
     return report, segment
+
+
+def choose_global_batch(rt, ns: Any, cfg: dict) -> dict | None:
+    """train.global_batch_size=auto: the global batch this world reaches the recipe's target soonest
+    with (scaling.choose). Every rank computes it from the same inputs, so all agree; rank 0 says it."""
+    if ns.train.global_batch_size != "auto":
+        return None
+    recipe_basis = basis.for_config(cfg)
+    ranks = ns.train.simulate_world_size or rt.size
+    precision = "fp32" if rt.environment["precision"]["chosen"] == "fp32" else "bf16"
+    gradient_bytes = config_mod.trainable_parameters(ns.model.layers) * scaling.GRADIENT_BYTES_PER_WEIGHT
+    choice = scaling.choose(ranks, rt.hvd.cross_size(), vars(ns.train), recipe_basis, precision, gradient_bytes,
+                            data_mod.SHAPES["train_images"][0] - ns.data.val_size, basis.target_of(cfg, recipe_basis))
+    if rt.rank == 0:
+        print(f"fmnist-dist: global batch (auto, {ranks} ranks on {rt.hvd.cross_size()} node(s)): {choice['reason']}",
+              flush=True)
+        for c in choice["candidates"]:
+            if c.get("rejected"):
+                print(f"fmnist-dist:   not {c['global_batch']} ({c['per_rank']} per rank): {c['rejected']}", flush=True)
+    return choice
+
+
+def chosen(choice: dict | None) -> int | None:
+    return choice["global_batch"] if choice else None
 
 
 def announce_resume(rt, state: RunState, segment: dict, resumed_from: str) -> None:

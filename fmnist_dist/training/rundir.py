@@ -17,13 +17,7 @@ from ..files import atomic_write
 from ..reporting import report as report_mod
 from . import checkpoint
 
-# Keys that leave the experiment as it was: where the data lives, what is reported, when to
-# checkpoint or stop, and the node's speed settings. Every other key changes the result, so a
-# resumed run must keep it, unless `--allow-change KEY` says the change is deliberate.
-RESUME_FREE = ("data.dir", "data.download", "data.url", "data.cache_dir", "train.eval_batch_size",
-               "train.time_limit", "train.stop_check_steps", "train.stall_timeout", "checkpoint.", "report.",
-               "intel.onednn", "intel.itex", "intel.intra_op_threads", "intel.inter_op_threads", "intel.bind",
-               "intel.kmp_")
+RESUME_FREE = config_mod.EXPERIMENT_NEUTRAL   # a resumed run may change these; every other key needs --allow-change
 
 
 
