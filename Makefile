@@ -12,13 +12,14 @@ BENCH_ARGS ?=
 SEEDS ?= 1 2 3
 RECIPES ?= default fast seed
 RECIPES_DIR ?= runs/recipes
-SCAN_WORLDS ?= 2 8 32 64
-SCAN_DIR ?= runs/scan
+SCAN_WORLDS ?= 2 4 8 16 32
+RECIPE ?= fast
+SCAN_DIR ?= runs/scan-$(RECIPE)
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup setup-test train test test-fast bench recipes scan docs clean
+.PHONY: setup setup-test train test test-fast bench recipes scan basis docs clean
 
 setup:
 	@bash scripts/setup.sh run
@@ -61,14 +62,23 @@ recipes: setup
 	done; done
 	$(PY) -m fmnist_dist report '$(RECIPES_DIR)/*' --seeds --format md
 
-# Accuracy against global batch (docs/scaling.md): CONFIG x SEEDS at global batches of SCAN_WORLDS
-# ranks, simulated in one process; then the table. `--format json` of the report makes an accuracy basis.
+# Accuracy against global batch (docs/scaling.md): configs/RECIPE.yaml x SEEDS at the global batches
+# of SCAN_WORLDS ranks of 256, simulated in one process; then the table.
 scan: setup
-	@for s in $(SEEDS); do for w in $(SCAN_WORLDS); do \
-	  $(PY) -m fmnist_dist train --config $(CONFIG) --set train.simulate_world_size=$$w --set train.seed=$$s \
-	    --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
+	@for w in $(SCAN_WORLDS); do for s in $(SEEDS); do \
+	  $(PY) -m fmnist_dist train --config configs/$(RECIPE).yaml --set train.simulate_world_size=$$w \
+	    --set train.seed=$$s --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
 	$(PY) -m fmnist_dist report '$(SCAN_DIR)/*' --scan --format md
+
+# The accuracy basis the package ships for RECIPE (train.global_batch_size=auto): the scan, one
+# rank's throughput against its batch on this CPU, both into fmnist_dist/bases/RECIPE.json.
+basis: scan
+	$(PY) -m fmnist_dist bench --config configs/$(RECIPE).yaml --batch-curve 16,32,64,128,256,512 --no-peak \
+	  --out $(SCAN_DIR)/bench
+	$(PY) -m fmnist_dist report '$(SCAN_DIR)/w*' --scan --format json --throughput $(SCAN_DIR)/bench/bench.json \
+	  $(if $(TARGET),--target $(TARGET)) > fmnist_dist/bases/$(RECIPE).json.tmp
+	mv fmnist_dist/bases/$(RECIPE).json.tmp fmnist_dist/bases/$(RECIPE).json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -186,6 +186,8 @@ def add_report_arguments(p) -> None:
                    "the run's train.target_accuracy, else its recipe's stated target, else 0.92)")
     p.add_argument("--basis", default=None, help="--project: the accuracy-vs-global-batch basis (default: the one "
                    "the package ships for the run's own recipe, docs/scaling.md); none: leave accuracy out")
+    p.add_argument("--throughput", metavar="BENCH_JSON", help="--scan --format json: the batch curve of this "
+                   "bench.json (bench --batch-curve) goes into the basis, for train.global_batch_size=auto")
     p.add_argument("--scan", action="store_true", help="several runs of one recipe at several global batches: "
                    "test accuracy against global batch (mean, spread, epochs to --target); json: an accuracy basis")
 
@@ -274,6 +276,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch_curve(path: str) -> dict:
+    """The batch curve of a bench.json, with the machine and command that measured it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            bench = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReportError(f"--throughput {path}: cannot read it: {e}") from None
+    curve = bench.get("batch_curve") if isinstance(bench, dict) else None
+    if not curve:
+        raise ReportError(f"--throughput {path}: no batch_curve in it (run bench --batch-curve 16,32,64,128,256,512)")
+    m = bench.get("machine") or {}
+    return {**curve, "cpu": f"{m.get('cpu_model')}, ISA {m.get('isa')}", "command": bench.get("command"),
+            "measured": bench.get("started")}
+
+
 def node_counts(text: str) -> tuple[int, ...]:
     try:
         nodes = tuple(int(n) for n in str(text).split(",") if n.strip())
@@ -318,6 +335,8 @@ def print_scan(loaded: list, args: argparse.Namespace) -> int:
         cfg["train"].pop(key.split(".", 1)[1], None)
     head = {"schema": basis.SCHEMA, "recipe": recipes[0][0], "target": args.target or basis.DEFAULT_TARGET,
             "command": " ".join(["fmnist-dist report", *sys.argv[2:]]), "config": cfg}
+    if args.throughput:
+        head["throughput"] = batch_curve(args.throughput)
     print(json.dumps(head)[:-1] + ', "points": [\n' + ",\n".join(json.dumps(p) for p in points) + "\n]}")
     return 0
 
@@ -391,6 +410,9 @@ def add_bench_parser(sub) -> None:
                    help="tiny smoke run: a plain-Keras process and 2 Horovod ranks; 1 repetition, a few steps, "
                    "small peak probe")
     p.add_argument("--no-peak", action="store_true", help="skip the matmul peak probe")
+    p.add_argument("--batch-curve", default=None, metavar="B,B,...",
+                   help="also one rank x 1 thread at each per-rank batch, per native precision: the throughput "
+                   "curve an accuracy basis carries (e.g. 16,32,64,128,256,512; alone unless --variants is given)")
     p.add_argument("--layers", action="store_true",
                    help="also profile each layer (forward + backward, one thread, per native precision) "
                    "against one thread's matmul peak; with --variants none, only that")
@@ -452,6 +474,16 @@ def cmd_race(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def batch_list(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+        if not batches or batches[0] < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--batch-curve {text}: expected per-rank batches such as 16,32,64,128,256,512") from None
+    return batches
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.render import markdown, text_table
     from .bench.run import run_bench
@@ -472,9 +504,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if quick and not any(o.startswith("train.batch_size=") for o in overrides):
         overrides.append("train.batch_size=64")
     cfg = config_mod.load(config_path, overrides)
-    names = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if quick else [v.name for v in VARIANTS])
+    curve = batch_list(args.batch_curve) if args.batch_curve else ()
+    names = args.variants.split(",") if args.variants else [] if curve else \
+        list(QUICK_VARIANTS if quick else [v.name for v in VARIANTS])
     if names == ["none"]:
-        if not args.layers:
+        if not args.layers and not curve:
             raise UsageError("--variants none: nothing to run; add --layers, or name variants (see --list)")
         names = []
     unknown = [n for n in names if n not in {v.name for v in VARIANTS}]
@@ -486,6 +520,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "steps": args.steps or (5 if quick else 100),
         "batch_size": cfg["train"]["batch_size"],
         "variants": names,
+        "batch_curve": curve,
         "peak": not args.no_peak,
         "peak_n": 512 if quick else 2048,
         "peak_calls": 3 if quick else 8,

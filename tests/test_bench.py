@@ -233,3 +233,17 @@ def test_race_shows_how_much_of_a_bound_rests_on_the_peer_plateau():
                         "summary": summary})
     assert "91.83% (best 91.97% at epoch 15, 142.4 s)" in md
     assert "at its best epoch, the training ratio would have been 2.55x (not a bound" in md
+
+
+def test_the_batch_curve_is_one_rank_one_thread_per_batch_and_native_precision():
+    from fmnist_dist.bench.variants import batch_curve_variants, curve_of
+
+    assert [v.name for v in batch_curve_variants((32, 256), False)] == ["curve-fp32-b32", "curve-fp32-b256"]
+    variants = batch_curve_variants((32, 256), True)
+    assert {(v.batch, v.precision, v.intel["intra_op_threads"], v.launcher) for v in variants} == {
+        (32, "fp32", 1, "single"), (256, "fp32", 1, "single"), (32, "bf16 (Keras)", 1, "single"),
+        (256, "bf16 (Keras)", 1, "single")}
+    rows = [{"name": v.name, "median": 100.0 * v.batch} for v in variants[:3]] + [{"name": variants[3].name, "median": None}]
+    assert curve_of(variants, rows) == {"threads": 1, "precisions": {
+        "fp32": {"batches": [32, 256], "images_per_s": [3200.0, 25600.0]},
+        "bf16": {"batches": [32], "images_per_s": [3200.0]}}}

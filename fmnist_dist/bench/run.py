@@ -15,7 +15,7 @@ from .. import config as config_mod
 from ..files import now_iso
 from .render import machine_line, markdown
 from .stats import compare, summarize_variants
-from .variants import FP32, VARIANTS, Variant, launch_command
+from .variants import CURVE_IMAGES, FP32, VARIANTS, Variant, batch_curve_variants, curve_of, launch_command
 
 SCHEMA = "fmnist-dist/bench"
 SCHEMA_VERSION = 1
@@ -29,6 +29,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
     load_before, waited = wait_for_quiet(quiet_load, quiet_wait, log)
     machine = machine_info()
     chosen = [v for v in VARIANTS if v.name in settings["variants"]]
+    chosen += batch_curve_variants(settings.get("batch_curve") or (), machine["native_bf16"])
     skipped = [{"name": v.name, "reason": v.skip_reason(machine)} for v in chosen if v.skip_reason(machine)]
     variants = [v for v in chosen if not v.skip_reason(machine)]
     base_yaml = os.path.join(out, "base-config.yaml")
@@ -68,9 +69,10 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
             launch.pop("result", None)
         for v in variants:
             spec = {"mode": "train", "config": base_yaml,
-                    "overrides": [f"intel.{k}={_yaml(val)}" for k, val in v.intel.items()],
+                    "overrides": [f"intel.{k}={_yaml(val)}" for k, val in v.intel.items()]
+                    + ([f"train.batch_size={v.batch}", "train.global_batch_size=null"] if v.batch else []),
                     "horovod": v.launcher != "keras", "warmup_steps": settings["warmup_steps"],
-                    "steps": settings["steps"]}
+                    "steps": max(10, CURVE_IMAGES // v.batch) if v.batch else settings["steps"]}
             launch = run_launch(spec, v.name, v, rep, out, settings["timeout"])
             if launch["ok"]:
                 r = launch.pop("result")
@@ -100,6 +102,7 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
                           "n": settings["peak_n"], "samples": peak_samples}
     result["variants"] = summarize_variants(variants, per_variant, environments, result["model"], result["peak"])
     result["comparisons"] = compare(per_variant)
+    result["batch_curve"] = curve_of(variants, result["variants"])
     result["finished"] = now_iso()
     with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -17,6 +17,7 @@ class Variant:
     launcher: str            # keras (no Horovod) | single (Horovod, 1 process) | mpi | mpi-bind | gloo
     ranks: int
     intel: dict = field(default_factory=dict)
+    batch: int | None = None  # a per-rank batch of its own (the batch curve); None: the config's
 
     @property
     def precision(self) -> str:
@@ -88,6 +89,29 @@ COMPARISONS = [
      "mpi-2x1-fp32", "keras-1x2-fp32"),
 ]
 QUICK_VARIANTS = ("keras-1x2-fp32", "mpi-2x1-fp32")  # both launch paths, one comparison
+CURVE_BATCHES = (16, 32, 64, 128, 256, 512)
+CURVE_IMAGES = 8192         # images per timed launch of the batch curve, whatever the batch
+
+
+def batch_curve_variants(batches, native_bf16: bool) -> list[Variant]:
+    """One rank with one thread, as a rank of the 2x1 default has, at each per-rank batch, in each
+    precision this CPU runs natively: the throughput curve train.global_batch_size=auto weighs."""
+    precisions = ["fp32"] + (["keras_bf16"] if native_bf16 else [])
+    return [Variant(f"curve-{p.split('_')[-1]}-b{b}", f"1 rank x 1 thread, {p}, batch {b}", "batch-curve", "single", 1,
+                    {**FP32, "mixed_precision": p, "intra_op_threads": 1}, batch=b)
+            for p in precisions for b in batches]
+
+
+def curve_of(variants: list[Variant], rows: list[dict]) -> dict | None:
+    """The batch curve's medians: {"threads": 1, "precisions": {"fp32"|"bf16": {batches, images_per_s}}}."""
+    median = {r["name"]: r["median"] for r in rows}
+    out: dict = {}
+    for v in variants:
+        if v.batch is not None and median.get(v.name):
+            curve = out.setdefault("fp32" if not v.bf16 else "bf16", {"batches": [], "images_per_s": []})
+            curve["batches"].append(v.batch)
+            curve["images_per_s"].append(round(median[v.name], 1))
+    return {"threads": 1, "precisions": out} if out else None
 
 
 def launch_command(v: Variant, spec_path: str) -> list[str]:

@@ -42,6 +42,9 @@ def summary_lines(report: dict) -> list[str]:
         + (f" ({res['test_correct']}/{res['test_total']})" if res.get("test_total") else "")
         + f" · validation {_pct(res.get('val_accuracy'))}",
     ]
+    choice = (report["data"].get("scaling") or {}).get("choice")
+    if choice:
+        lines.append(f"  global batch (auto): {choice['reason']}")
     scale_warning = ((report["data"].get("scaling") or {}).get("accuracy_basis") or {}).get("warning")
     if scale_warning:
         lines.append(f"  warning: {scale_warning}")
@@ -86,6 +89,22 @@ def precision_lines(report: dict) -> list[str]:
     return lines
 
 
+def choice_lines(report: dict) -> list[str]:
+    """train.global_batch_size=auto: each global batch weighed, and why it was taken or not."""
+    choice = (report["data"].get("scaling") or {}).get("choice")
+    if not choice:
+        return []
+    lines = [choice["reason"]]
+    if choice["candidates"]:
+        lines += ["", f"{'global batch':>12} {'per rank':>8} {'expected acc':>12} {'epochs':>6} {'projected s':>11}  verdict"]
+    for c in choice["candidates"]:
+        acc = _pct(c["expected_accuracy"]) if c.get("expected_accuracy") is not None else "unmeasured"
+        projected = f"{c['projected_s']:.0f}" if c.get("projected_s") is not None else "—"
+        lines.append(f"{c['global_batch']:>12} {c['per_rank']:>8} {acc:>12} {c.get('epochs') or '—':>6} {projected:>11}  "
+                     + (c.get("rejected") or "chosen"))
+    return lines
+
+
 def _section(title: str, lines: list[str]) -> list[str]:
     return [f"## {title}", "", *[f"    {line}" for line in lines], ""] if lines else []
 
@@ -110,6 +129,7 @@ def render_markdown(report: dict) -> str:
              f"({report['model']['parameters']:,} parameters, batch norm "
              f"{'yes' if report['model']['batch_norm'] else 'no'}).", "",
              *_section("Precision and CPUs", precision_lines(report)),
+             *_section("Global batch (train.global_batch_size: auto)", choice_lines(report)),
              *_section("Preflight", _preflight_lines(report)),
              "## Epochs", "",
              "| epoch | lr | train loss | train acc | val loss | val acc | training s | eval s | images/s |",

@@ -473,8 +473,8 @@ def choose_global_batch(rt, ns: Any, cfg: dict) -> dict | None:
     choice = scaling.choose(ranks, rt.hvd.cross_size(), vars(ns.train), recipe_basis, precision, gradient_bytes,
                             data_mod.SHAPES["train_images"][0] - ns.data.val_size, basis.target_of(cfg, recipe_basis))
     if rt.rank == 0:
-        print(f"fmnist-dist: global batch (auto, {ranks} ranks on {rt.hvd.cross_size()} node(s)): {choice['reason']}",
-              flush=True)
+        print(f"fmnist-dist: global batch (auto, {ranks} ranks on {rt.hvd.cross_size()} node(s)): {choice['reason']}"
+              + ("" if recipe_basis else f" ({basis.missing_line(cfg)})"), flush=True)
         for c in choice["candidates"]:
             if c.get("rejected"):
                 print(f"fmnist-dist:   not {c['global_batch']} ({c['per_rank']} per rank): {c['rejected']}", flush=True)
