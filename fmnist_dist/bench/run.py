@@ -12,7 +12,7 @@ import tempfile
 import time
 
 from .. import config as config_mod
-from ..files import now_iso
+from ..files import atomic_write, now_iso
 from .render import machine_line, markdown
 from .stats import compare, summarize_variants
 from .variants import CURVE_IMAGES, FP32, VARIANTS, Variant, batch_curve_variants, curve_of, launch_command
@@ -68,22 +68,12 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
                 log(f"[rep {rep + 1}] peak probe failed: {launch['error']}")
             launch.pop("result", None)
         for v in variants:
-            spec = {"mode": "train", "config": base_yaml,
-                    "overrides": [f"intel.{k}={_yaml(val)}" for k, val in v.intel.items()]
-                    + ([f"train.batch_size={v.batch}", "train.global_batch_size=null"] if v.batch else []),
-                    "horovod": v.launcher != "keras", "warmup_steps": settings["warmup_steps"],
-                    "steps": max(10, CURVE_IMAGES // v.batch) if v.batch else settings["steps"]}
-            launch = run_launch(spec, v.name, v, rep, out, settings["timeout"])
-            if launch["ok"]:
-                r = launch.pop("result")
-                per_variant[v.name][rep] = launch["images_per_s"] = r["images_per_s"]
-                launch["ranks"] = [{k: x[k] for k in ("rank", "threads", "affinity", "fit_s", "steps")}
-                                   for x in r["ranks"]]
+            launch, r = launch_variant(v, base_yaml, settings, rep, out)
+            if r is not None:
+                per_variant[v.name][rep] = launch["images_per_s"]
                 environments.setdefault(v.name, r["environment"])
                 if result["model"] is None:
                     result["model"] = r["model"]
-            else:
-                launch.pop("result", None)
             result["launches"].append(launch)
             log(f"[rep {rep + 1}/{settings['reps']}] {v.name:24s} "
                 + (f"{launch['images_per_s']:8.0f} images/s" if launch["ok"] else f"FAILED ({launch['error']})")
@@ -104,12 +94,26 @@ def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings
     result["comparisons"] = compare(per_variant)
     result["batch_curve"] = curve_of(variants, result["variants"])
     result["finished"] = now_iso()
-    with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(result) + "\n")
+    atomic_write(os.path.join(out, "bench.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write(os.path.join(out, "bench.md"), markdown(result) + "\n")
     return result
+
+
+def launch_variant(v: Variant, base_yaml: str, settings: dict, rep: int, out: str) -> tuple[dict, dict | None]:
+    """One timed launch of a variant: (the launch record, the worker's result or None)."""
+    spec = {"mode": "train", "config": base_yaml,
+            "overrides": [f"intel.{k}={_yaml(val)}" for k, val in v.intel.items()]
+            + ([f"train.batch_size={v.batch}", "train.global_batch_size=null"] if v.batch else []),
+            "horovod": v.launcher != "keras", "warmup_steps": settings["warmup_steps"],
+            "steps": max(10, CURVE_IMAGES // v.batch) if v.batch else settings["steps"]}
+    launch = run_launch(spec, v.name, v, rep, out, settings["timeout"])
+    r = launch.pop("result", None)
+    if not launch["ok"]:
+        r = None
+    if r is not None:
+        launch["images_per_s"] = r["images_per_s"]
+        launch["ranks"] = [{k: x[k] for k in ("rank", "threads", "affinity", "fit_s", "steps")} for x in r["ranks"]]
+    return launch, r
 
 
 def profile_layers(base_yaml: str, settings: dict, machine: dict, out: str, launches: list, log=print) -> list[dict]:
