@@ -183,7 +183,7 @@ def add_report_arguments(p) -> None:
                    help="--project: the network between nodes, nominal figures (default 25gbe; --latency-us and "
                    "--bandwidth-gbs give your own)")
     p.add_argument("--target", type=float, default=None, help="--project, --scan: the accuracy to reach (default: "
-                   "the run's train.target_accuracy, else its recipe's stated target, else 0.92)")
+                   f"the run's train.target_accuracy, else its recipe's stated target, else {basis.DEFAULT_TARGET})")
     p.add_argument("--basis", default=None, help="--project: the accuracy-vs-global-batch basis (default: the one "
                    "the package ships for the run's own recipe, docs/scaling.md); none: leave accuracy out")
     p.add_argument("--throughput", metavar="BENCH_JSON", help="--scan --format json: the batch curve of this "
@@ -203,12 +203,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     nodes = node_counts(args.nodes)
     latency = args.latency_us * 1e-6 if args.latency_us is not None else None
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs is not None else None
-    if args.target is not None and not 0 < args.target <= 1:
-        raise UsageError(f"--target {args.target}: expected an accuracy in (0, 1], such as 0.92")
-    if (latency is None) != (bandwidth is None):
-        raise UsageError("--latency-us and --bandwidth-gbs go together (or name a --network preset)")
+    check_report_options(args)
     accuracy = functools.partial(accuracy_basis, args) if args.project else None
-    if len(paths) == 1 and not args.scan:
+    if len(paths) == 1 and not (args.scan or args.seeds):
         report = report_mod.load_report(paths[0])   # unreadable: ReportError, exit 2
         proj = None
         if args.project:
@@ -289,6 +286,21 @@ def batch_curve(path: str) -> dict:
     m = bench.get("machine") or {}
     return {**curve, "cpu": f"{m.get('cpu_model')}, ISA {m.get('isa')}", "command": bench.get("command"),
             "measured": bench.get("started")}
+
+
+def check_report_options(args: argparse.Namespace) -> None:
+    """Refuse what `report` would otherwise ignore or misread."""
+    if args.target is not None and not 0 < args.target <= 1:
+        raise UsageError(f"--target {args.target}: expected an accuracy in (0, 1], such as 0.92")
+    if (args.latency_us is None) != (args.bandwidth_gbs is None):
+        raise UsageError("--latency-us and --bandwidth-gbs go together (or name a --network preset)")
+    for grouping in ("seeds", "scan"):
+        for extra in ("project", "plots"):
+            if getattr(args, grouping) and getattr(args, extra):
+                raise UsageError(f"--{grouping} and --{extra} do not go together: --{grouping} prints one table "
+                                 f"of several runs; run --{extra} on its own")
+    if args.seeds and args.scan:
+        raise UsageError("--seeds and --scan are two different tables: choose one")
 
 
 def node_counts(text: str) -> tuple[int, ...]:
@@ -435,7 +447,8 @@ def add_race_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the project's recipe (repeatable)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
-    p.add_argument("--target", type=float, default=0.92, help="test accuracy to reach (default 0.92)")
+    p.add_argument("--target", type=float, default=basis.DEFAULT_TARGET,
+                   help=f"test accuracy to reach (default {basis.DEFAULT_TARGET})")
     p.add_argument("--np", type=int, default=2, help="ranks of the project's run (default 2, as make train)")
     p.add_argument("--peer-max-epochs", type=int, default=30, help="the peer gives up after this many epochs")
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")

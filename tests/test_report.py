@@ -62,3 +62,13 @@ def test_load_report_errors(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"schema": "other"}))
     with pytest.raises(report.ReportError, match="not an fmnist-dist report"):
         report.load_report(str(tmp_path))
+
+
+@pytest.mark.parametrize("flags", [("--seeds", "--project"), ("--scan", "--plots", "/tmp/p"), ("--seeds", "--scan"),
+                                   ("--scan", "--project")])
+def test_report_refuses_options_that_would_be_ignored(tmp_path, flags):
+    from conftest import cli
+
+    proc = cli("report", str(tmp_path / "a"), str(tmp_path / "b"), *flags)
+    assert proc.returncode == 2, proc.stderr
+    assert "do not go together" in proc.stderr or "two different tables" in proc.stderr, proc.stderr

@@ -20,6 +20,7 @@ STARTED = time.perf_counter()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from fmnist_dist.basis import DEFAULT_TARGET  # noqa: E402
 from fmnist_dist.data import load_fashion_mnist  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def build_model() -> tf.keras.Model:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--target", type=float, default=0.92)
+    p.add_argument("--target", type=float, default=DEFAULT_TARGET)
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps-per-epoch", type=int, default=None, help="fewer steps (a smoke test)")

@@ -41,9 +41,9 @@ COLUMNS = (
     ("images_per_s", "images/s", "{:.0f}"), ("speedup", "speedup", "{:.2f}x"),
     ("efficiency", "efficiency", "{:.0%}"), ("comm_share", "comm", "{:.0%}"),
     ("split_method", "split", "{}"), ("precision", "precision", "{}"), ("itex", "ITEX", "{}"),
-    ("onednn", "oneDNN", "{}"),
+    ("onednn", "oneDNN", "{}"), ("isa", "ISA", "{}"),
 )
-EXTRA_FIELDS = ("path", "error", "recipe_key", "baseline_runs", "baseline_ranks", "baseline_images_per_s")
+EXTRA_FIELDS = ("path", "error", "recipe_key", "series", "baseline_runs", "baseline_ranks", "baseline_images_per_s")
 
 
 def expand(paths: list[str]) -> list[str]:
@@ -116,7 +116,11 @@ def row_for(path: str, report: dict | None, error: str | None) -> dict:
         split_method=(report.get("breakdown") or {}).get("method"),
         precision=precision_label(env), itex="on" if (env.get("itex") or {}).get("loaded") else "off",
         onednn="on" if env.get("onednn_enabled") else "off",
+        isa="/".join(sorted(set(((env.get("precision") or {}).get("hosts") or {}).values()))) or None,
     )
+    # One scaling series: one recipe on one kind of CPU, in one precision, with the same Intel
+    # software; runs that differ in these are side by side, never points of one curve.
+    row["series"] = f"{row['isa'] or 'ISA unknown'} · {row['precision']} · ITEX {row['itex']} · oneDNN {row['onednn']}"
     return row
 
 
@@ -130,8 +134,8 @@ def compare_rows(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict
     for r in rows:
         if r["recipe_key"] and len(keys_by_name[r["recipe"]]) > 1:
             r["recipe"] = f"{r['recipe']}@{r['recipe_key'][:6]}"
-    for key in {r["recipe_key"] for r in rows if r["recipe_key"]}:
-        members = [r for r in rows if r["recipe_key"] == key and r["images_per_s"]]
+    for key in {(r["recipe_key"], r["series"]) for r in rows if r["recipe_key"]}:
+        members = [r for r in rows if (r["recipe_key"], r["series"]) == key and r["images_per_s"]]
         pool = [r for r in members if r["status"] == "completed"] or members
         if not pool:
             continue
@@ -148,18 +152,19 @@ def compare_rows(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict
 
 
 def notes(rows: list[dict]) -> list[str]:
-    out = ["speedup = images/s ÷ the baseline's images/s (same recipe, smallest world size, completed runs); "
+    out = ["speedup = images/s ÷ the baseline's images/s (same recipe and series — CPU ISA, precision, ITEX, "
+           "oneDNN —, smallest world size, completed runs); "
            "efficiency = speedup ÷ (ranks ÷ baseline ranks); comm = communication's share of the ranks' time "
            "(split: how it was measured — timeline, probe estimate, or single rank)"]
-    for key in sorted({r["recipe_key"] for r in rows if r["recipe_key"]}):
-        members = [r for r in rows if r["recipe_key"] == key]
+    for key, series in sorted({(r["recipe_key"], r["series"]) for r in rows if r["recipe_key"]}):
+        members = [r for r in rows if (r["recipe_key"], r["series"]) == (key, series)]
         b = next((r for r in members if r["baseline_runs"]), None)
         if b:
-            out.append(f"recipe {b['recipe']} (config {key}): baseline {', '.join(b['baseline_runs'])} "
+            out.append(f"recipe {b['recipe']} (config {key}), {series}: baseline {', '.join(b['baseline_runs'])} "
                        f"({b['baseline_ranks']} rank{'s' if b['baseline_ranks'] != 1 else ''}, "
                        f"{b['baseline_images_per_s']:.0f} images/s)")
         else:
-            out.append(f"recipe {members[0]['recipe']} (config {key}): no finished epoch, no baseline")
+            out.append(f"recipe {members[0]['recipe']} (config {key}), {series}: no finished epoch, no baseline")
     for r in rows:
         if r["status"] == "unreadable":
             out.append(f"{r['run']}: not read: {r['error']}")
@@ -277,8 +282,8 @@ def projections(loaded: list[tuple[str, dict | None, str | None]], rows: list[di
     accuracy basis and target (or None). Returns (projections, validations, problems)."""
     reports = {p: r for p, r, _ in loaded if r is not None}
     projs, vals, problems = [], [], []
-    for key in sorted({r["recipe_key"] for r in rows if r["recipe_key"]}):
-        members = [r for r in rows if r["recipe_key"] == key and r["status"] == "completed" and r["epochs"]]
+    for key in sorted({(r["recipe_key"], r["series"]) for r in rows if r["recipe_key"]}):
+        members = [r for r in rows if (r["recipe_key"], r["series"]) == key and r["status"] == "completed" and r["epochs"]]
         if not members:
             continue
         members.sort(key=lambda r: (r["ranks"], -(r["images_per_s"] or 0)))

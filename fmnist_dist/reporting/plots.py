@@ -171,9 +171,10 @@ def plot_comparison(rows: list[dict], reports: dict[str, dict], out_dir: str,
 def scaling(rows: list[dict], path: str, projections: list[dict] | None = None) -> str:
     fig, ax = _figure(1)
     groups: dict[str, list[dict]] = {}
+    several = len({r.get("series") for r in rows if r.get("speedup") is not None}) > 1
     for r in rows:
-        if r.get("speedup") is not None:
-            groups.setdefault(r["recipe"], []).append(r)
+        if r.get("speedup") is not None:   # one curve per recipe and series (CPU ISA, precision, Intel software)
+            groups.setdefault(f"{r['recipe']} [{r['series']}]" if several else r["recipe"], []).append(r)
     max_ranks = 1
     for name, members in sorted(groups.items()):
         members = sorted(members, key=lambda r: r["ranks"])
