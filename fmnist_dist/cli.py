@@ -472,6 +472,9 @@ def cmd_race(args: argparse.Namespace) -> int:
         raise UsageError("--np and --peer-max-epochs must be at least 1")
     overrides = list(args.overrides)
     config_mod.load(args.config, overrides)                # a bad recipe fails here, before any launch
+    # both sides train from the project directory: paths as the caller meant them
+    args.config = os.path.abspath(args.config)
+    args.data_dir = os.path.abspath(args.data_dir) if args.data_dir else None
     if args.quick:
         seeds = seeds[:1]
         overrides += ["train.epochs=1", "train.steps_per_epoch=20"]

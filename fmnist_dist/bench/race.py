@@ -35,12 +35,14 @@ import time
 from ..files import atomic_write, now_iso
 from .render import machine_line
 from .run import command_line, machine_info, run_logged
+from .variants import horovodrun_path
 
 SCHEMA = "fmnist-dist/race"
 SCHEMA_VERSION = 1
 
 
 def run_race(settings: dict, out: str, log=print) -> dict:
+    out = os.path.abspath(out)          # both sides run from the project directory, not the caller's
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     machine = machine_info()
     result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "started": now_iso(), "finished": None,
@@ -95,8 +97,7 @@ def run_project(settings: dict, seed: int, out: str) -> dict:
     train = [sys.executable, "-m", "fmnist_dist", "train", "--config", settings["config"],
              "--set", f"train.seed={seed}", *(a for o in settings["overrides"] for a in ("--set", o)),
              "--run-dir", run_dir, "--overwrite"]
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    cmd = [horovodrun, "--gloo", "-np", str(settings["np"]), *train] if settings["np"] > 1 else train
+    cmd = [horovodrun_path(), "--gloo", "-np", str(settings["np"]), *train] if settings["np"] > 1 else train
     side, log_path = launch(cmd, out, f"seed{seed}-project", settings["timeout"])
     side["run_dir"] = run_dir
     try:

@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_bench(cfg: dict, config_path: str | None, overrides: list[str], settings: dict, out: str,
               quick: bool, quiet_load: float = 1.0, quiet_wait: float = 0.0, log=print) -> dict:
+    out = os.path.abspath(out)          # the workers run from the project directory, not the caller's
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     started = now_iso()
     load_before, waited = wait_for_quiet(quiet_load, quiet_wait, log)
@@ -197,6 +198,9 @@ def run_logged(cmd: list[str], log_path: str, timeout: float) -> str | None:
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"killed after the {timeout:g} s timeout"
+        except OSError as e:                 # the launcher is missing or not executable
+            logf.write(f"cannot start {cmd[0]}: {e.strerror or e}\n")
+            return f"cannot start {cmd[0]}: {e.strerror or e}"
     return f"exit {proc.returncode}: {_last_line(log_path)}" if proc.returncode else None
 
 

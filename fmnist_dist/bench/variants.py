@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -118,14 +119,19 @@ def launch_command(v: Variant, spec_path: str) -> list[str]:
     worker = [sys.executable, "-m", "fmnist_dist.bench.worker", spec_path]
     if v.launcher in ("keras", "single"):
         return worker
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    cmd = [horovodrun if os.path.exists(horovodrun) else "horovodrun", "-np", str(v.ranks)]
+    cmd = [horovodrun_path(), "-np", str(v.ranks)]
     if v.launcher == "gloo":
         return cmd + ["--gloo"] + worker
     cmd.append("--mpi")
     if v.launcher == "mpi-bind":
         cmd.append(f"--binding-args={BIND_ARGS}")
     return cmd + worker
+
+
+def horovodrun_path() -> str:
+    """The venv's horovodrun beside this Python, else the one on PATH (named in the error if none)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    return beside if os.path.exists(beside) else shutil.which("horovodrun") or "horovodrun"
 
 
 def display_command(v: Variant) -> str:
