@@ -33,6 +33,7 @@ import sys
 import time
 
 from ..files import atomic_write, now_iso
+from ..tables import table
 from .render import machine_line
 from .run import command_line, machine_info, run_logged
 from .variants import horovodrun_path
@@ -184,16 +185,18 @@ def markdown(result: dict) -> str:
     target = f"{result['target']:.0%}"
     lines = [f"Race to {target} test accuracy on {machine_line(result['machine'])} "
              f"({result['started'][:10]}; `{result['command']}`)", "",
-             "| seed | peer epochs | peer test acc | peer training s | peer wall s | project precision | "
-             "project epochs | project test acc | project training s | project wall s | ratio training | ratio wall |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             ]
+    rows = []
     for r in result["results"]:
         p, q = r["peer"], r["project"]
-        lines.append("| " + " | ".join([
+        rows.append([
             str(r["seed"]), _n(p["epochs"]), _pct(p) + _best(p), _s(p["training_s"], p["reached"]), _s(p["wall_s"], p["reached"]),
             str(q.get("precision") or "—"), _n(q["epochs"]), _pct(q), _s(q["training_s"], q["reached"]),
             _s(q["wall_s"], q["reached"]), _x(r["ratio_training"], r.get("ratio_training_at_least")),
-            _x(r["ratio_wall"], r.get("ratio_wall_at_least"))]) + " |")
+            _x(r["ratio_wall"], r.get("ratio_wall_at_least"))])
+    lines += table(["seed", "peer epochs", "peer test acc", "peer training s", "peer wall s", "project precision",
+                    "project epochs", "project test acc", "project training s", "project wall s", "ratio training",
+                    "ratio wall"], rows, "md", left={5})
     s = result["summary"] or {}
     if s:
         lines += ["", f"Median ratio (peer / project): training {_x(s['ratio_training_median'])}, wall "

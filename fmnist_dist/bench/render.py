@@ -1,6 +1,8 @@
 """The benchmark's tables: text for the terminal, Markdown for bench.md and the docs."""
 from __future__ import annotations
 
+from ..tables import table
+
 
 def _f(x, fmt: str = "{:.0f}", none: str = "—") -> str:
     return none if x is None else fmt.format(x)
@@ -67,25 +69,24 @@ def markdown(result: dict) -> str:
              f"Batch {s['batch_size']} per rank; {s['reps']} interleaved repetitions of {s['warmup_steps']} "
              f"warm-up (excluded) + {s['steps']} timed steps per launch; median images/s, spread = "
              f"(max - min) / median. {_load_line(result)}.", "",
-             "| variant | ranks x threads | precision | ITEX | oneDNN | images/s (median) | spread | vs baseline "
-             "| GFLOP/s | of peak |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+             ]
+    rows = []
     for v in result["variants"]:
         env = v.get("environment") or {}
         itex = "on" if (env.get("itex") or {}).get("loaded") else ("off" if env else v["intel"].get("itex", "?"))
         onednn = ("on" if env.get("onednn_enabled") else "off") if env else ("on" if v["intel"].get("onednn") else "off")
-        lines.append(f"| {v['title']} (`{v['name']}`) | {v['ranks']} x {v['threads_per_rank']} | {v['precision']} | "
-                     f"{itex} | {onednn} | {_f(v['median'])} | {_f(v['spread'], '{:.0%}')} | "
-                     f"{_f(v['vs_baseline'], '{:.2f}x')} | {_f(v['gflops'])} | "
-                     f"{_f(v['peak_fraction'], '{:.0%}')} {v['peak_used'] if v['peak_fraction'] is not None else ''} |")
+        rows.append([f"{v['title']} (`{v['name']}`)", f"{v['ranks']} x {v['threads_per_rank']}", v["precision"], itex,
+                     onednn, _f(v["median"]), _f(v["spread"], "{:.0%}"), _f(v["vs_baseline"], "{:.2f}x"),
+                     _f(v["gflops"]), f"{_f(v['peak_fraction'], '{:.0%}')} "
+                     f"{v['peak_used'] if v['peak_fraction'] is not None else ''}".rstrip()])
+    lines += table(["variant", "ranks x threads", "precision", "ITEX", "oneDNN", "images/s (median)", "spread",
+                    "vs baseline", "GFLOP/s", "of peak"], rows, "md", left=5)
     if result.get("skipped"):
         lines += ["", "Skipped on this CPU: " + "; ".join(f"`{v['name']}` ({v['reason']})" for v in result["skipped"]) + "."]
     if result["comparisons"]:
-        lines += ["", "| comparison (launches of the same repetition) | A / B, median | min | max |",
-                  "|---|---:|---:|---:|"]
-        for c in result["comparisons"]:
-            lines.append(f"| {c['name']}: {c['what']} | {_f(c['median'], '{:.2f}x')} | {_f(c['min'], '{:.2f}')} | "
-                         f"{_f(c['max'], '{:.2f}')} |")
+        lines += [""] + table(["comparison (launches of the same repetition)", "A / B, median", "min", "max"],
+                              [[f"{c['name']}: {c['what']}", _f(c["median"], "{:.2f}x"), _f(c["min"], "{:.2f}"),
+                                _f(c["max"], "{:.2f}")] for c in result["comparisons"]], "md")
     peak = _peak_line(result)
     if peak:
         lines += ["", peak + ". GFLOP/s = images/s x training FLOPs per image; \"of peak\" compares it with the "
@@ -104,12 +105,12 @@ def layers_markdown(p: dict) -> str:
              f"{1e3 * p['whole_step_s']:.1f} ms ({whole_gflops:.1f} GFLOP/s, "
              f"{whole_gflops / p['peak_gflops']:.0%} of this thread's {p['precision']} matmul peak of "
              f"{p['peak_gflops']:.0f} GFLOP/s); the layers alone add up to {1e3 * total:.1f} ms.", "",
-             "| layer | input → output | forward MFLOP/image | ms per step | share | GFLOP/s | of peak |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             ]
+    rows = []
     for r in p["rows"]:
         shape = f"{'x'.join(map(str, r['input']))} → {'x'.join(map(str, r['output']))}"
         fraction = None if r["gflops"] is None else r["gflops"] / p["peak_gflops"]
-        lines.append(f"| {r['name']} | {shape} | {_f(r['flops_per_image'] / 1e6 or None, '{:.2f}')} | "
-                     f"{1e3 * r['step_s']:.2f} | {r['step_s'] / total:.0%} | {_f(r['gflops'], '{:.1f}')} | "
-                     f"{_f(fraction, '{:.0%}')} |")
-    return "\n".join(lines)
+        rows.append([r["name"], shape, _f(r["flops_per_image"] / 1e6 or None, "{:.2f}"), f"{1e3 * r['step_s']:.2f}",
+                     f"{r['step_s'] / total:.0%}", _f(r["gflops"], "{:.1f}"), _f(fraction, "{:.0%}")])
+    return "\n".join(lines + table(["layer", "input → output", "forward MFLOP/image", "ms per step", "share",
+                                     "GFLOP/s", "of peak"], rows, "md", left=2))

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from .. import config as config_mod
+from ..tables import table
 from ..timing.breakdown import breakdown_rows
 from .render import precision_label
 from . import projection
@@ -197,20 +198,9 @@ def render(rows: list[dict], fmt: str = "text") -> str:
         return out.getvalue().rstrip("\n")
     head = [c[1] for c in COLUMNS]
     cells = [[_cell(r, k, spec) for k, _, spec in COLUMNS] for r in rows]
-    if fmt == "md":
-        lines = ["| " + " | ".join(head) + " |",
-                 "|" + "|".join("---" if k in ("run", "status", "recipe", "split_method", "precision") else "---:"
-                                for k, _, _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in cells]
-        lines += [""] + [f"- {n}" for n in notes(rows)]
-        return "\n".join(lines)
-    left = {"run", "status", "recipe", "split_method", "precision"}
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
-    just = [(str.ljust if COLUMNS[i][0] in left else str.rjust) for i in range(len(COLUMNS))]
-    lines = ["  ".join(j(h, w) for h, w, j in zip(head, widths, just))]
-    lines += ["  ".join(j(c, w) for c, w, j in zip(row, widths, just)) for row in cells]
-    lines += [""] + [f"* {n}" for n in notes(rows)]
-    return "\n".join(lines)
+    left = {i for i, c in enumerate(COLUMNS) if c[0] in ("run", "status", "recipe", "split_method", "precision")}
+    bullet = "-" if fmt == "md" else "*"
+    return "\n".join(table(head, cells, fmt, left) + [""] + [f"{bullet} {n}" for n in notes(rows)])
 
 
 def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "text") -> str:
@@ -232,22 +222,17 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
             {**row, "seed": seed, "one_view": one_view})
     head = ["recipe", "CPU (ISA)", "precision", "ranks", "epochs", "seeds", "test acc mean", "± sd", "min–max",
             "one view", "train s", "images/s"]
-    table = []
+    lines = []
     for (name, _, ranks, cpu, precision), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][3:], kv[0][2])):
         acc = [r["test_accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        table.append([name, cpu, precision, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
+        lines.append([name, cpu, precision, str(ranks), "/".join(sorted({str(r["epochs"]) for r in runs})),
                       ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"] or 0)),
                       f"{statistics.mean(acc):.2%}", f"{sd:.2%}", f"{min(acc):.2%}–{max(acc):.2%}",
                       _mean_pct([r["one_view"] for r in runs]),
                       f"{statistics.mean(r['training_s'] for r in runs):.1f}",
                       f"{statistics.mean(r['images_per_s'] for r in runs):.0f}"])
-    if fmt == "md":
-        return "\n".join(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-                         + ["| " + " | ".join(row) + " |" for row in table])
-    widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in [head, *table])
+    return "\n".join(table(head, lines, fmt))
 
 
 def cpu_label(env: dict) -> str:

@@ -50,6 +50,7 @@ from .. import basis as basis_mod
 from .. import config as config_mod
 from .. import scaling
 from ..errors import ProjectionError
+from ..tables import table
 
 NODES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_NETWORK = "25gbe"
@@ -317,14 +318,18 @@ def optimizers(points: list[dict]) -> str:
     return ", ".join(f"{s} at {lo}" + (f"–{hi}" if hi != lo else "") for s, lo, hi in runs)
 
 
-def validate(base_report: dict, target_report: dict, latency_model: str = "ring") -> dict:
-    """Project the target run's world size from the base run; compare with the measured time."""
+def validate(base_report: dict, target_report: dict, latency_model: str = "ring",
+             throughput: dict | None = None) -> dict:
+    """Project the target run's world size (and per-rank batch: strong scaling moves the compute
+    along `throughput`, one rank's images/s against its batch) from the base run; compare with the
+    measured time."""
     base, target = measure(base_report), measure(target_report)
     cm = comm_model(target if target["ranks"] > 1 else None, latency_model=latency_model) \
         if target["ranks"] > 1 else {"k": 1.0, "latency_hop_s": 0.0, "link_Bps": 1.0, "latency_model": latency_model}
     if not base["gradient_bytes"]:
         base["gradient_bytes"] = target["gradient_bytes"]
-    pred = predict(base, cm, target["ranks"], steps=int(target["steps"]))
+    pred = predict(base, cm, target["ranks"], steps=int(target["steps"]), per_rank=target["batch"],
+                   throughput=throughput)
     error = (pred["epoch_s"] - target["epoch_s"]) / target["epoch_s"]
     stated = stated_error(base)
     notes = []
@@ -335,7 +340,8 @@ def validate(base_report: dict, target_report: dict, latency_model: str = "ring"
         # diagnostic: the same projection with the compute slowed by the CPU availability measured in
         # the target ((1 - its wait share) vs the base's): how much of the error contention explains
         slowed = dict(base, compute_step_s=base["compute_step_s"] * (1 - wb) / (1 - wt))
-        adj = predict(slowed, cm, target["ranks"], steps=int(target["steps"]))
+        adj = predict(slowed, cm, target["ranks"], steps=int(target["steps"]), per_rank=target["batch"],
+                      throughput=throughput)
         adjusted = {"projected_epoch_s": adj["epoch_s"],
                     "error": (adj["epoch_s"] - target["epoch_s"]) / target["epoch_s"],
                     "compute_factor": (1 - wb) / (1 - wt)}
@@ -348,6 +354,7 @@ def validate(base_report: dict, target_report: dict, latency_model: str = "ring"
         notes.append(f"threads per rank differ ({base['threads']} in {base['run']}, {target['threads']} in "
                      f"{target['run']}): the compute per step is not comparable, expect a large error")
     return {"base": base["run"], "target": target["run"], "base_ranks": base["ranks"], "target_ranks": target["ranks"],
+            "base_batch": base["batch"], "target_batch": target["batch"], "target_hosts": target["hosts"],
             "steps": int(target["steps"]), "epochs_used": target["epochs_used"],
             "projected_epoch_s": pred["epoch_s"], "measured_epoch_s": target["epoch_s"],
             "projected_step_s": pred["step_s"],
@@ -413,11 +420,11 @@ def render(proj: dict, fmt: str = "text") -> list[str]:
              _f(r["speedup"], "{:.2f}x"), _f(r["efficiency"], "{:.0%}")] for r in proj["rows"]]
     acc = proj.get("accuracy")
     lines = [title if fmt != "md" else f"### {title}", ""]
-    lines += _table(head, rows, fmt)
+    lines += table(head, rows, fmt, left=0)
     if acc:
         lines += ["", f"Time to {acc['target']:.1%} ({acc['recipe']} recipe): global batch, expected test accuracy, "
                       "seconds of training", ""]
-        lines += _table(*time_to_target_table(proj), fmt)
+        lines += table(*time_to_target_table(proj), fmt, left=0)
         lines += ["", "Time to accuracy:"] + [("- " if fmt == "md" else "  - ") + a for a in acc["lines"]]
     lines += ["", "Assumptions:", ""] if fmt == "md" else ["", "Assumptions:"]
     lines += [("- " if fmt == "md" else "  - ") + a for a in proj["assumptions"]]
@@ -459,12 +466,3 @@ def render_validation(v: dict, fmt: str = "text") -> list[str]:
 
 def _f(x, spec: str) -> str:
     return "—" if x is None else spec.format(x)
-
-
-def _table(head: list[str], rows: list[list[str]], fmt: str) -> list[str]:
-    if fmt == "md":
-        return ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from .. import basis
+from ..tables import table
 from .compare import config_name
 
 
@@ -58,9 +59,4 @@ def render(points: list[dict], target: float, fmt: str = "text") -> str:
                      ",".join(str(x) for x in p["seeds"]), f"{s['accuracy_mean']:.2%}", f"{s['accuracy_sd']:.2%}",
                      f"{s['accuracy_min']:.2%}–{s['accuracy_max']:.2%}",
                      "/".join("—" if x is None else str(x) for x in per_seed)])
-    if fmt == "md":
-        return "\n".join(["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
-                         + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in [head, *rows])
+    return "\n".join(table(head, rows, fmt, left=4))
