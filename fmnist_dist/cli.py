@@ -18,7 +18,7 @@ from . import basis, scaling
 from . import config as config_mod
 from . import lease
 from .errors import FmnistError, LaunchError, ProjectionError, ReportError, UsageError
-from .training import environment
+from . import environment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,14 +58,15 @@ DEFAULT_LAYERS = [
     {"type": "dense", "units": 256}, {"type": "relu"}, {"type": "dropout", "rate": 0.25},
 ]
 DEFAULT_CONFIG = "configs/default.yaml"
-# What model.layers receives: one 28x28 grey image (training/model.py's IMAGE_SHAPE, which loads TensorFlow).
+# What model.layers receives: one 28x28 grey image. training/model.py builds its input from it.
 IMAGE_SHAPE = (28, 28, 1)
+# Fashion-MNIST's home: data.url's default, and data.py's.
+DATA_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 SCHEMA: dict[str, Field] = {
     "data.dir": Field(None, str, "directory holding the four IDX files (.gz or raw)", nullable=True),
     "data.download": Field(False, bool, "download the files when no local copy is found"),
-    "data.url": Field("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", str,
-                      "base URL for data.download"),
+    "data.url": Field(DATA_URL, str, "base URL for data.download"),
     "data.cache_dir": Field(None, str, "where downloads go (default ~/.cache/fmnist-dist)", nullable=True),
     "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
                            min=100, max=50000),
@@ -422,15 +423,15 @@ def _check_layer_shapes(layers: list[dict], source: str) -> None:
     """Follow one image through the layers as training/model.py builds them (Conv2D with stride 1,
     MaxPooling2D with stride = size and valid padding), so a stack Keras cannot build fails here,
     in pure Python, before Horovod and TensorFlow start."""
-    shape, trail = IMAGE_SHAPE, [_fmt_shape(IMAGE_SHAPE)]
+    shape, trail = IMAGE_SHAPE, [format_shape(IMAGE_SHAPE)]
     for i, layer in enumerate(layers):
         out, problem = _layer_output(layer, shape)
         if problem:
             params = " ".join(f"{k}={v}" for k, v in layer.items() if k != "type")
             raise ConfigError(f"{source}: model.layers[{i}] ({layer['type']}{' ' + params if params else ''}): "
-                              f"input {_fmt_shape(shape)}: {problem}; shapes before it: {' -> '.join(trail)}")
+                              f"input {format_shape(shape)}: {problem}; shapes before it: {' -> '.join(trail)}")
         if out != shape:
-            trail.append(_fmt_shape(out))
+            trail.append(format_shape(out))
         shape = out
 
 
@@ -438,7 +439,8 @@ def trainable_parameters(layers: list[dict]) -> int:
     """The network's trainable weights, from the same shape walk, with the Dense(10) classifier that
     training/model.py appends: what each step's allreduce carries (a test holds it to Keras' count)."""
     shape, total = IMAGE_SHAPE, 0
-    for layer in layers + [{"type": "dense", "units": 10}]:
+    flatten = [] if any(layer["type"] == "flatten" for layer in layers) else [{"type": "flatten"}]  # as model.py adds
+    for layer in layers + flatten + [{"type": "dense", "units": 10}]:
         if layer["type"] == "conv":
             total += layer["kernel"] ** 2 * shape[-1] * layer["filters"] + layer["filters"]
         elif layer["type"] == "dense":
@@ -471,12 +473,13 @@ def _layer_output(layer: dict, shape: tuple[int, ...]) -> tuple[tuple[int, ...],
         out, need = (height // k, width // k, channels), f"pooling {k}x{k}"
         remedy = "use a smaller size or fewer pooling layers"
     if min(out[:2]) < 1:
-        return shape, f"the output would be {_fmt_shape(out)} ({need} needs at least {k}x{k}); {remedy}"
+        return shape, f"the output would be {format_shape(out)} ({need} needs at least {k}x{k}); {remedy}"
     return out, None
 
 
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
+def format_shape(shape: tuple[int, ...], separator: str = "x") -> str:
+    """(28, 28, 1) -> '28x28x1' (a trail of layer shapes), or '28 x 28 x 1' with separator ' x '."""
+    return separator.join(map(str, shape))
 
 
 def _unknown_key_message(source: str, key: str) -> str:

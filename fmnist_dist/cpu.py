@@ -34,7 +34,6 @@ NATIVE_BF16_LEVEL = ONEDNN_ISA_LEVELS["AVX512_CORE_BF16"]
 ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 RELEVANT_FLAGS = re.compile(r"^(avx2|fma|avx512f|avx512bw|avx512vl|avx512dq|avx512_bf16|avx512_vnni|avx_vnni|amx_\w+)$")
 
-PRECISIONS = ("auto", "fp32", "keras_bf16", "itex_bf16")
 BF16_PRECISIONS = ("keras_bf16", "itex_bf16")
 
 

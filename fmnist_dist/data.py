@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import DATA_URL, format_shape
 from .errors import DataError
 
-DEFAULT_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 ENV_VAR = "FMNIST_DATA_DIR"
@@ -116,7 +116,7 @@ def _not_found_reason(directory: str) -> str:
 
 
 def load_fashion_mnist(data_dir: str | None = None, download: bool = False, cache_dir: str | None = None,
-                       url: str = DEFAULT_URL, progress: bool = True) -> FashionMNIST:
+                       url: str = DATA_URL, progress: bool = True) -> FashionMNIST:
     """Load and verify Fashion-MNIST from the first directory that has it (see candidate_dirs),
     downloading into cache_dir only when download is true and no local copy exists."""
     found, directory, searched = _search(data_dir)
@@ -134,7 +134,7 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False, cach
 
 
 def check_quickly(data_dir: str | None = None, download: bool = False, cache_dir: str | None = None,
-                  url: str = DEFAULT_URL) -> str | None:
+                  url: str = DATA_URL) -> str | None:
     """What load_fashion_mnist will find, checked in milliseconds without reading it all: the files
     are there, each raw file has the expected size and IDX header, each .gz file's IDX header and
     gzip trailer (the decompressed size) are right. A file failing a cheap test is read in full,
@@ -320,12 +320,8 @@ def _check_header(path: str, payload: bytearray, expected_shape: tuple[int, ...]
     if len(payload) >= _header_size(expected_shape):
         dims = struct.unpack(f">{ndim}I", payload[4:_header_size(expected_shape)])
         if dims != expected_shape:
-            raise DataError(f"{path}: IDX dimensions are {_fmt_shape(dims)}, "
-                            f"expected {_fmt_shape(expected_shape)}")
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return " x ".join(str(d) for d in shape)
+            raise DataError(f"{path}: IDX dimensions are {format_shape(dims, ' x ')}, "
+                            f"expected {format_shape(expected_shape, ' x ')}")
 
 
 # ---------------------------------------------------------------- downloading

@@ -30,12 +30,13 @@ import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from typing import Callable
 
+from . import config as config_mod
+from . import environment
+from .errors import ConfigError, LaunchError
 from .reporting.report import report_status
-from .training import environment
-from .errors import LaunchError
 
-DEFAULT_CONFIG = "configs/default.yaml"
 WALLTIME_MARGIN = 120   # seconds before a PBS walltime at which training stops (like Slurm's --signal=B:USR1@120)
 MPI_ARGS_VAR = "FMNIST_MPI_ARGS"
 # Forwarded to every rank by mpirun (-x NAME forwards the current value; only names that are set).
@@ -316,116 +317,151 @@ def split_extra(extra: str) -> list[str]:
 def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: str, config: str,
               extra: str = "", np: int | None = None, launcher: str = "auto", run_dir: str | None = None,
               cores_per_node: int | None = None, check: bool = True, write: bool = True,
-              has_pmix=srun_has_pmix) -> Plan:
-    """Everything the job script needs, or a LaunchError naming the first problem found."""
+              has_pmix: Callable[[], bool] = srun_has_pmix) -> Plan:
+    """Everything the job script needs, or a LaunchError naming the first problem found. The steps
+    run, and add their notes, in the order the job log prints them."""
+    check_choices(scheduler, launcher)
+    notes: list[str] = []
+    hosts, job_id = allocation(scheduler, environ)
+    placement = place(hosts, requested_ranks(scheduler, environ, np))
+    ranks_per_node = max(n for _, n in placement)
+    if cores_per_node is None:
+        cores_per_node = node_cores(scheduler, environ, ranks_per_node)
+    threads = threads_per_rank(cores_per_node, ranks_per_node)
+    bind = ranks_per_node <= cores_per_node
+    if not bind:
+        notes.append(f"{ranks_per_node} ranks per node on {cores_per_node} cores: oversubscribed, "
+                     f"ranks are not bound to cores")
+    workdir = os.path.abspath(workdir)
+    run_dir, rerun = usable_run_dir(scheduler, job_id, workdir, run_dir, notes)
+    config = config if os.path.isabs(config) else os.path.join(workdir, config)
+    overrides = rank_overrides(scheduler, environ, config, extra, notes)
+    if check:
+        check_python(python)
+    launcher = choose_launcher(scheduler, launcher, has_pmix, notes)
+    extra_mpi = mpi_args(environ)
+    ranks = sum(n for _, n in placement)
+    hostfile = os.path.join(run_dir, "hostfile") if launcher == "mpirun" and scheduler == "pbs" else None
+    if launcher == "srun":
+        prefix = srun_prefix(ranks, threads, extra_mpi, check, notes)
+    elif launcher == "horovodrun":
+        prefix = horovodrun_prefix(placement, extra_mpi, check)
+    else:
+        prefix = mpirun_prefix(ranks, threads, bind, hostfile, environ, extra_mpi, check)
+    plan = Plan(scheduler=scheduler, job_id=job_id or "", launcher=launcher, hosts=hosts,
+                placement=placement, ranks=ranks, ranks_per_node=ranks_per_node,
+                cores_per_node=cores_per_node, threads_per_rank=threads, bind=bind, run_dir=run_dir,
+                rerun=rerun, hostfile=hostfile, notes=notes,
+                command=prefix + rank_command(python, "train", config, overrides, run_dir),
+                preflight=prefix + rank_command(python, "preflight", config, overrides, run_dir))
+    if write:
+        write_files(plan)
+    return plan
+
+
+def check_choices(scheduler: str, launcher: str) -> None:
     if scheduler not in ("pbs", "slurm"):
         raise LaunchError(f"--scheduler {scheduler!r}: expected pbs or slurm")
     if launcher not in ("auto", "mpirun", "horovodrun", "srun"):
         raise LaunchError(f"LAUNCHER={launcher!r}: expected mpirun, horovodrun, srun or auto")
     if scheduler == "pbs" and launcher == "srun":
         raise LaunchError("LAUNCHER=srun only works under Slurm")
-    notes: list[str] = []
 
-    # 1. The allocation and where ranks go.
+
+def allocation(scheduler: str, environ: dict[str, str]) -> tuple[list[tuple[str, int]], str | None]:
+    """The job's (host, slots) and its id, as the scheduler hands them over."""
     if scheduler == "pbs":
-        hosts = read_nodefile(environ.get("PBS_NODEFILE"))
-        job_id = environ.get("PBS_JOBID")
-    else:
-        hosts = slurm_allocation(environ)
-        job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+        return read_nodefile(environ.get("PBS_NODEFILE")), environ.get("PBS_JOBID")
+    return slurm_allocation(environ), environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+
+
+def requested_ranks(scheduler: str, environ: dict[str, str], np: int | None) -> int | None:
+    """NP, else Slurm's --ntasks, else None (every slot)."""
     if np is None and scheduler == "slurm" and environ.get("SLURM_NTASKS", "").isdigit():
-        np = int(environ["SLURM_NTASKS"])
-    placement = place(hosts, np)
-    ranks = sum(n for _, n in placement)
-    ranks_per_node = max(n for _, n in placement)
+        return int(environ["SLURM_NTASKS"])
+    return np
 
-    # 2. Cores and threads. Slurm reserves --cpus-per-task per rank; PBS gives whole nodes (DevCloud),
-    #    whose size is this node's (nodes of one job are assumed alike).
-    if cores_per_node is None:
-        cpt = environ.get("SLURM_CPUS_PER_TASK", "")
-        if scheduler == "slurm" and cpt.isdigit():
-            cores_per_node = int(cpt) * ranks_per_node
-        else:
-            cores_per_node = local_cores()
-    threads = threads_per_rank(cores_per_node, ranks_per_node)
-    bind = ranks_per_node <= cores_per_node
-    if not bind:
-        notes.append(f"{ranks_per_node} ranks per node on {cores_per_node} cores: oversubscribed, "
-                     f"ranks are not bound to cores")
 
-    # 3. The run directory.
-    workdir = os.path.abspath(workdir)
+def node_cores(scheduler: str, environ: dict[str, str], ranks_per_node: int) -> int:
+    """Slurm reserves --cpus-per-task per rank; PBS gives whole nodes (DevCloud), whose size is this
+    node's (the nodes of one job are assumed alike)."""
+    cpus_per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if scheduler == "slurm" and cpus_per_task.isdigit():
+        return int(cpus_per_task) * ranks_per_node
+    return local_cores()
+
+
+def usable_run_dir(scheduler: str, job_id: str | None, workdir: str, run_dir: str | None,
+                   notes: list[str]) -> tuple[str, bool]:
+    """(The run directory, whether it holds an unfinished attempt to resume); a completed run is an error."""
     run_dir = os.path.abspath(os.path.join(workdir, run_dir)) if run_dir else job_run_dir(scheduler, job_id, workdir)
     state = run_dir_state(run_dir)
     if state == "completed":
         raise LaunchError(f"{run_dir} already holds a completed run; set RUN_DIR to another directory")
-    rerun = state == "rerun"
-    if rerun:
-        notes.append(f"{run_dir} holds an unfinished attempt of this job (rerun/requeue): training resumes from its newest checkpoint")
+    if state == "rerun":
+        notes.append(f"{run_dir} holds an unfinished attempt of this job (rerun/requeue): training resumes "
+                     f"from its newest checkpoint")
+    return run_dir, state == "rerun"
 
-    # 4. What to run, checked before anything starts.
-    config = os.path.join(workdir, config) if not os.path.isabs(config) else config
+
+def rank_overrides(scheduler: str, environ: dict[str, str], config: str, extra: str, notes: list[str]) -> list[str]:
+    """EXTRA's --set items, checked against the config, and under PBS a time limit before the walltime."""
     overrides = split_extra(extra)
-    from . import config as config_mod
     try:
         cfg = config_mod.load(config, overrides)
-    except config_mod.ConfigError as e:
+    except ConfigError as e:
         raise LaunchError(str(e)) from None
     limit = walltime_limit(environ.get("PBS_WALLTIME", "")) if scheduler == "pbs" else None
     if limit is not None and cfg["train"]["time_limit"] is None:
         overrides = overrides + [f"train.time_limit={limit}"]
         notes.append(f"train.time_limit={limit} s (PBS_WALLTIME={environ['PBS_WALLTIME']} s): the training "
                      f"checkpoints and exits 75 before the walltime; a rerun resumes it")
+    return overrides
+
+
+def choose_launcher(scheduler: str, launcher: str, has_pmix: Callable[[], bool], notes: list[str]) -> str:
+    """LAUNCHER=auto: srun where Slurm offers PMIx, else mpirun."""
+    if launcher != "auto":
+        return launcher
+    if scheduler == "slurm" and launcher_ok("srun") and has_pmix():
+        return "srun"
+    if scheduler == "slurm":
+        notes.append("srun --mpi=pmix is not available here: using mpirun inside the allocation")
+    return "mpirun"
+
+
+def srun_prefix(ranks: int, threads: int, extra_mpi: list[str], check: bool, notes: list[str]) -> list[str]:
     if check:
-        check_python(python)
-    train = rank_command(python, "train", config, overrides, run_dir)
+        find_program("srun", "Slurm's launcher")
+    if extra_mpi:
+        notes.append(f"{MPI_ARGS_VAR} is ignored by srun (set OMPI_MCA_* variables instead)")
+    return ["srun", "--mpi=pmix", f"--ntasks={ranks}", f"--cpus-per-task={threads}", "--kill-on-bad-exit=1"]
 
-    if launcher == "auto":
-        if scheduler == "slurm" and (launcher_ok("srun") and has_pmix()):
-            launcher = "srun"
-        else:
-            launcher = "mpirun"
-            if scheduler == "slurm":
-                notes.append("srun --mpi=pmix is not available here: using mpirun inside the allocation")
-    extra_mpi = mpi_args(environ)
-    hostfile = None
-    if launcher == "srun":
-        if check:
-            find_program("srun", "Slurm's launcher")
-        if extra_mpi:
-            notes.append(f"{MPI_ARGS_VAR} is ignored by srun (set OMPI_MCA_* variables instead)")
-        prefix = ["srun", "--mpi=pmix", f"--ntasks={ranks}", f"--cpus-per-task={threads}", "--kill-on-bad-exit=1"]
-    elif launcher == "horovodrun":
-        if check:
-            find_program("horovodrun", "Horovod's launcher, installed in the environment by scripts/setup.sh")
-            find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi")
-        prefix = ["horovodrun", "-np", str(ranks), "-H", ",".join(f"{h}:{n}" for h, n in placement)]
-        if extra_mpi:
-            prefix.append("--mpi-args=" + shlex.join(extra_mpi))
+
+def horovodrun_prefix(placement: list[tuple[str, int]], extra_mpi: list[str], check: bool) -> list[str]:
+    if check:
+        find_program("horovodrun", "Horovod's launcher, installed in the environment by scripts/setup.sh")
+        find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi")
+    ranks = sum(n for _, n in placement)
+    prefix = ["horovodrun", "-np", str(ranks), "-H", ",".join(f"{h}:{n}" for h, n in placement)]
+    return prefix + (["--mpi-args=" + shlex.join(extra_mpi)] if extra_mpi else [])
+
+
+def mpirun_prefix(ranks: int, threads: int, bind: bool, hostfile: str | None, environ: dict[str, str],
+                  extra_mpi: list[str], check: bool) -> list[str]:
+    """Open MPI's mpirun: the hostfile under PBS (under Slurm it reads the allocation itself),
+    binding, and -x for the environment every rank needs."""
+    if check:
+        check_open_mpi(find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi"))
+    prefix = ["mpirun", "-np", str(ranks)] + (["--hostfile", hostfile] if hostfile else [])
+    if bind:
+        prefix += ["--map-by", f"slot:PE={threads}", "--bind-to", "core"]
     else:
-        if check:
-            check_open_mpi(find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi"))
-        prefix = ["mpirun", "-np", str(ranks)]
-        if scheduler == "pbs":  # under Slurm, Open MPI reads the allocation itself
-            hostfile = os.path.join(run_dir, "hostfile")
-            prefix += ["--hostfile", hostfile]
-        if bind:
-            prefix += ["--map-by", f"slot:PE={threads}", "--bind-to", "core"]
-        else:
-            prefix += ["--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
-        prefix.append("--report-bindings")
-        for name in forwarded_env(environ):
-            prefix += ["-x", name]
-        prefix += extra_mpi
-
-    plan = Plan(scheduler=scheduler, job_id=job_id or "", launcher=launcher, hosts=hosts,
-                placement=placement, ranks=ranks, ranks_per_node=ranks_per_node,
-                cores_per_node=cores_per_node, threads_per_rank=threads, bind=bind, run_dir=run_dir,
-                rerun=rerun, hostfile=hostfile, command=prefix + train,
-                preflight=prefix + rank_command(python, "preflight", config, overrides, run_dir), notes=notes)
-    if write:
-        write_files(plan)
-    return plan
+        prefix += ["--map-by", "slot", "--bind-to", "none", "--oversubscribe"]
+    prefix.append("--report-bindings")
+    for name in forwarded_env(environ):
+        prefix += ["-x", name]
+    return prefix + extra_mpi
 
 
 def launcher_ok(name: str) -> bool:
@@ -464,7 +500,3 @@ def shell_assignments(plan: Plan) -> str:
     return (f"RUN_DIR={shlex.quote(plan.run_dir)}\n"
             f"PREFLIGHT=({' '.join(shlex.quote(a) for a in plan.preflight)})\n"
             f"LAUNCH=({' '.join(shlex.quote(a) for a in plan.command)})\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI

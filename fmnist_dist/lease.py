@@ -11,24 +11,37 @@ atomic on NFSv3 and later, Lustre and GPFS. Ages are measured with the file serv
 mtime of a probe file written next to the lease), so the nodes' clocks need not agree, and
 EXPIRE_S leaves room for NFS attribute caching (acregmax, 60 s by default) on top of RENEW_S.
 Before each checkpoint and report the writer checks that the lease still names it (`Lease.check`):
-a writer whose lease was taken over stops instead of writing.
+a writer whose lease was taken over, or that could not renew it (it may have expired), stops
+instead of writing.
+
+A takeover is a compare-and-swap: only the file judged stale is removed, never a fresh lease a
+quicker taker wrote meanwhile. Takers of one stale lease first create a claim file named after its
+fingerprint (device, inode, mtime, size, content) with O_EXCL, so one of them goes on; it checks
+the lease is still that file, renames it to a private name and compares again before deleting it
+(a lease renewed in between goes back). A taker that dies holding a claim delays takeovers of that
+lease by CLAIM_EXPIRE_S.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import socket
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 from .errors import RunDirError
-from .files import now_iso
+from .files import now_iso, unlink_quietly
 
 LEASE_FILE = "writer.lock"
 RENEW_S = 15.0
 EXPIRE_S = 90.0
+CLAIM_EXPIRE_S = 30.0       # a takeover takes milliseconds: an older claim is a dead taker's
+TAKEOVER_ATTEMPTS = 20
 JOB_ID_VARS = ("SLURM_JOB_ID", "PBS_JOBID")
 
 
@@ -37,37 +50,65 @@ class Lease:
     path: str
     token: str
     owner: dict
+    renew_error: str | None = None     # why the last renewal failed: `check` refuses from then on
     _stop: threading.Event | None = None
+    _renewer: threading.Thread | None = None
 
     def check(self) -> None:
-        """Raise RunDirError when another writer took the lease over (this one must not write)."""
+        """Raise RunDirError when another writer took the lease over, or when it could not be
+        renewed (it may have expired and been taken over): this one must not write."""
         holder = read_owner(self.path)
+        run_dir = os.path.dirname(self.path)
         if holder is None or holder.get("token") != self.token:
             who = describe(holder) if holder else "nobody (the lease file is gone)"
-            raise RunDirError(f"{os.path.dirname(self.path)}: this run lost its writer lease ({self.path}) to "
+            raise RunDirError(f"{run_dir}: this run lost its writer lease ({self.path}) to "
                               f"{who}; stopping without writing")
+        if self.renew_error is not None:
+            raise RunDirError(f"{run_dir}: this run could not renew its writer lease {self.path} "
+                              f"({self.renew_error}), so another job may take it over; stopping without writing")
 
     def renew_in_background(self) -> None:
         self._stop = threading.Event()
-        threading.Thread(target=self._renew, name="fmnist-lease", daemon=True).start()
+        self._renewer = threading.Thread(target=self._renew_until_stopped, name="fmnist-lease", daemon=True)
+        self._renewer.start()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(RENEW_S):
-            holder = read_owner(self.path)
-            if holder is None or holder.get("token") != self.token:
-                return                     # taken over: `check` says so before the next write
-            try:
-                os.utime(self.path)        # NULL times: the file server's clock sets the mtime
-            except OSError:
-                pass
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(RENEW_S) and self.renew():
+            pass
+
+    def renew(self) -> bool:
+        """Refresh the lease's mtime if it still names this writer. False when it does not (taken
+        over: `check` says so) or could not be renewed: said once on stderr, and `check` refuses."""
+        try:
+            with open(self.path, "rb") as f:
+                holder = parse_owner(f.read(), self.path)
+                if holder.get("unreadable"):
+                    self._renewal_failed("its content cannot be read")
+                    return False
+                if holder.get("token") != self.token:
+                    return False
+                os.utime(f.fileno())       # the file just read; NULL times: the file server's clock
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            self._renewal_failed(e.strerror or str(e))
+            return False
+
+    def _renewal_failed(self, error: str) -> None:
+        if self.renew_error is None:
+            print(f"fmnist-dist: warning: cannot renew the writer lease {self.path}: {error}; this run stops "
+                  f"before its next write", file=sys.stderr, flush=True)
+        self.renew_error = error
 
     def release(self) -> None:
         if self._stop is not None:
             self._stop.set()
-        holder = read_owner(self.path)
+            self._renewer.join(timeout=2.0)   # a renewal in flight would change the fingerprint
+        holder, fingerprint = read_holder(self.path)
         if holder is not None and holder.get("token") == self.token:
             try:
-                os.unlink(self.path)
+                _remove_if_same(self.path, fingerprint)
             except OSError:
                 pass
 
@@ -78,20 +119,25 @@ def acquire(run_dir: str) -> Lease:
     path = os.path.join(run_dir, LEASE_FILE)
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start(os.getpid()),
              "job_id": job_id(), "since": now_iso(), "token": uuid.uuid4().hex, "argv": sys.argv}
+    took_over = None
     try:
         os.makedirs(run_dir, exist_ok=True)
-        for _ in range(3):
+        for attempt in range(TAKEOVER_ATTEMPTS):
             if _create(path, owner):
+                if took_over:
+                    print(f"fmnist-dist: warning: {run_dir}: taking over the writer lease from {took_over}",
+                          file=sys.stderr, flush=True)
                 return Lease(path, owner["token"], owner)
-            holder = read_owner(path)
+            holder, fingerprint = read_holder(path)
             if holder is None:
                 continue                   # released meanwhile: try again
             stale = why_stale(holder, run_dir)
             if stale is None:
                 raise RunDirError(busy_message(run_dir, holder))
-            if _set_aside(path):
-                print(f"fmnist-dist: warning: {run_dir}: taking over the writer lease from {describe(holder)} "
-                      f"({stale})", file=sys.stderr, flush=True)
+            if take_over(path, fingerprint, owner):
+                took_over = f"{describe(holder)} ({stale})"
+            else:                          # another taker is at it: its new lease is there in a moment
+                time.sleep(random.uniform(0.01, 0.03) * (attempt + 1))
     except OSError as e:
         raise RunDirError(f"{run_dir}: cannot write the run directory: {e.strerror or e}") from None
     raise RunDirError(f"{run_dir}: the writer lease {path} keeps changing hands; is another job starting here?")
@@ -150,12 +196,32 @@ def describe(holder: dict) -> str:
 
 
 def read_owner(path: str) -> dict | None:
+    return read_holder(path)[0]
+
+
+def read_holder(path: str) -> tuple[dict | None, tuple | None]:
+    """The lease's owner and the fingerprint of the file read (device, inode, mtime, size, content
+    hash; without the hash when it cannot be read): (None, None) when there is no lease."""
     try:
-        with open(path, encoding="utf-8") as f:
-            holder = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+            st = os.fstat(f.fileno())
+        content = hashlib.sha256(data).hexdigest()
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, ValueError):
+        return None, None
+    except OSError:
+        data, content = b"", None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return parse_owner(data, path), None
+    return parse_owner(data, path), (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, content)
+
+
+def parse_owner(data: bytes, path: str) -> dict:
+    try:
+        holder = json.loads(data)
+    except ValueError:
         holder = None
     return holder if isinstance(holder, dict) else {"host": "?", "pid": None, "token": None, "unreadable": path}
 
@@ -187,15 +253,55 @@ def _create(path: str, owner: dict) -> bool:
     return True
 
 
-def _set_aside(path: str) -> bool:
-    """Move a stale lease out of the way; False when another taker moved it first."""
-    aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+def take_over(path: str, judged: tuple | None, owner: dict) -> bool:
+    """Remove the stale lease `judged` (its fingerprint when it was judged stale) if it is still the
+    file at `path`. False when another taker is at it, or the lease changed since it was judged."""
+    if judged is None:
+        return False                       # unreadable: nothing to compare what would be removed with
+    claim = claim_path(path, judged)
+    if not _create(claim, owner):
+        _expire_claim(claim, os.path.dirname(path))
+        return False
     try:
-        os.rename(path, aside)             # the claim: of two takers, one rename finds nothing
+        # A taker that claimed after the winner removed the lease finds another file here (or none).
+        return read_holder(path)[1] == judged and _remove_if_same(path, judged)
+    finally:
+        unlink_quietly(claim)
+
+
+def claim_path(path: str, fingerprint: tuple) -> str:
+    """The claim file of a takeover of the lease file `fingerprint` names (one per stale lease)."""
+    return f"{path}.takeover-{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}"
+
+
+def _remove_if_same(path: str, fingerprint: tuple | None) -> bool:
+    """Remove the file at `path` if it is the one `fingerprint` names: moved to a private name first
+    and compared there, so that a file renewed or replaced meanwhile goes back instead."""
+    aside = f"{path}.aside-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, aside)
     except FileNotFoundError:
         return False
+    if fingerprint is not None and read_holder(aside)[1] == fingerprint:
+        os.unlink(aside)
+        return True
+    try:
+        os.link(aside, path)               # back, unless a newer file took the name meanwhile
+    except FileExistsError:
+        pass                               # that newer one stands; the moved one's owner stops at `check`
+    except OSError:
+        os.rename(aside, path)             # a file system without hard links
+        return False
     os.unlink(aside)
-    return True
+    return False
+
+
+def _expire_claim(claim: str, run_dir: str) -> None:
+    """Remove a takeover claim left by a taker that died (older than CLAIM_EXPIRE_S)."""
+    fingerprint = read_holder(claim)[1]
+    age = lease_age(claim, run_dir)
+    if fingerprint is not None and age is not None and age > CLAIM_EXPIRE_S:
+        _remove_if_same(claim, fingerprint)
 
 
 HELD: Lease | None = None       # the lease this process holds (rank 0 of a training)

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 from . import cpu, lease
+from .environment import itex_dir
 from .errors import RunDirError, SetupError
 from .files import atomic_write, now_iso
 
@@ -50,8 +51,6 @@ def check_node(cfg: dict, run_dir: str, environ: dict[str, str] = os.environ) ->
 
 def software_versions(itex_request: str) -> tuple[dict, list[str]]:
     """The versions this interpreter would import, read from package metadata (no import of TF)."""
-    from .training.environment import itex_dir
-
     versions = {"python": platform.python_version(), "executable": sys.executable}
     problems = []
     for name, dist, why in (("tensorflow", "tensorflow", "pip install -r requirements.txt"),

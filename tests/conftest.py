@@ -6,6 +6,7 @@ the others, `make test` (what CI and the README run) runs everything."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import random
@@ -58,10 +59,21 @@ def load(run_dir: Path) -> dict:
 
 
 def unavailable(reason: str):
-    """Skip on a developer machine without the pieces; in CI the test must run, so fail."""
+    """Skip on a developer machine without the pieces; in CI the test must run, so fail. Also at a
+    module's top level (a whole module skipped, or in CI a collection error that fails the run)."""
     if IN_CI:
-        pytest.fail(f"CI=true but this test cannot run: {reason} (run: bash scripts/setup.sh test as root)")
-    pytest.skip(reason)
+        pytest.fail(f"CI={os.environ['CI']} but this test cannot run: {reason} "
+                    "(run: bash scripts/setup.sh test as root)")
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str):
+    """The imported module `name`, or unavailable(): the CI policy, where pytest.importorskip would
+    skip quietly in CI too."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        unavailable(f"cannot import {name} in {sys.executable}: {e} (run: bash scripts/setup.sh test)")
 
 
 def need(*programs: str, root: bool = True) -> None:

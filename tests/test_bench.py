@@ -109,8 +109,8 @@ def test_layer_profile_times_every_layer_of_the_model(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     assert result["variants"] == [] and result["peak"] is None
-    native = result["machine"]["native_bf16"]
-    assert [p["precision"] for p in result["layers"]] == ["fp32", "bf16"] if native else ["fp32"]
+    native_precisions = ["fp32", "bf16"] if result["machine"]["native_bf16"] else ["fp32"]
+    assert [p["precision"] for p in result["layers"]] == native_precisions
     configured = [spec["type"] for spec in result["config"]["model"]["layers"]]
     for profile in result["layers"]:
         assert profile["threads"] == 1 and len(profile["cores"]) == 1

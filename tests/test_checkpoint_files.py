@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, ROOT, run_env
+from conftest import PYTHON, ROOT, require_module, run_env
 from fmnist_dist import files
 from fmnist_dist.errors import CheckpointError, CheckpointFormatError, ReportWriteError
 from fmnist_dist.reporting import report as report_mod
 
-tf = pytest.importorskip("tensorflow")
+tf = require_module("tensorflow")
 from fmnist_dist.training import checkpoint  # noqa: E402  (after TensorFlow, as the training imports it)
 
 

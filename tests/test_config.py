@@ -1,8 +1,13 @@
-"""Config validation: every error class names the source, the dotted key, the value and what is expected."""
+"""Config validation: every error class names the source, the dotted key, the value and what is expected;
+and the config's pure-Python shape walk held to what training/model.py builds in Keras."""
+import json
 import os
+import subprocess
 
 import pytest
+import yaml
 
+from conftest import PYTHON, ROOT, run_env, unavailable
 from fmnist_dist import config
 
 
@@ -219,7 +224,8 @@ def test_config_unreadable(tmp_path):
 
 # ---------------------------------------------------------------- layer shapes
 
-@pytest.mark.parametrize("layers, expected", [
+# Stacks the shape walk refuses (with its message); test_stacks_the_walk_refuses_keras_refuses_too builds them.
+REFUSED_STACKS = [
     ("[" + ", ".join(["{type: maxpool, size: 2}"] * 5) + "]",
      "model.layers[4] (maxpool size=2): input 1x1x1: the output would be 0x0x1 (pooling 2x2 needs at least 2x2); "
      "use a smaller size or fewer pooling layers; shapes before it: 28x28x1 -> 14x14x1 -> 7x7x1 -> 3x3x1 -> 1x1x1"),
@@ -234,7 +240,10 @@ def test_config_unreadable(tmp_path):
     ("[{type: conv, filters: 2}, {type: dense, units: 5}, {type: flatten}, {type: maxpool}]",
      "model.layers[3] (maxpool size=2): input 3920: a maxpool needs a 2-D feature map, but a flatten comes "
      "before it (move the flatten after it); shapes before it: 28x28x1 -> 28x28x2 -> 28x28x5 -> 3920"),
-])
+]
+
+
+@pytest.mark.parametrize("layers, expected", REFUSED_STACKS)
 def test_layer_stacks_that_cannot_build(tmp_path, layers, expected):
     path = write(tmp_path, f"model:\n  layers: {layers}\n")
     with pytest.raises(config.ConfigError) as err:
@@ -242,12 +251,106 @@ def test_layer_stacks_that_cannot_build(tmp_path, layers, expected):
     assert str(err.value) == f"{path}: {expected}"
 
 
-@pytest.mark.parametrize("layers", [
+# Corner cases the shape walk accepts; test_the_shape_walk_is_what_keras_builds builds them.
+ACCEPTED_STACKS = [
     "[{type: conv, filters: 4, kernel: 28, padding: valid}]",              # exactly 1x1
     "[{type: maxpool, size: 27}]",                                         # 28 // 27 = 1
     "[{type: conv, filters: 4}, {type: dense, units: 8}]",                 # Dense on the last axis, flatten added
     "[{type: dense, units: 8}, {type: flatten}, {type: batchnorm}, {type: flatten}, {type: dense, units: 4}]",
-])
+]
+
+
+@pytest.mark.parametrize("layers", ACCEPTED_STACKS)
 def test_layer_stacks_keras_builds_are_accepted(layers):
-    """Each of these built and trained one step in Keras 2.15 (checked when this test was written)."""
     config.load(None, [f"model.layers={layers}"])
+
+
+# ---------------------------------------------------------------- the shape walk against Keras
+
+def stacks_to_build() -> dict[str, str]:
+    """Every stack the tests use, as a config path or a model.layers value: the shipped configs, the
+    accepted corner cases, the empty stack (test_scaling) and the simulation test's network."""
+    from test_simulation import NETWORK
+    stacks = {f"configs/{path.name}": f"configs/{path.name}" for path in sorted((ROOT / "configs").glob("*.yaml"))}
+    stacks.update({text: text for text in ACCEPTED_STACKS})
+    stacks["[]"] = "[]"
+    stacks["test_simulation.NETWORK"] = json.dumps(yaml.safe_load(NETWORK)["model"]["layers"])
+    return stacks
+
+
+STACKS_TO_BUILD = stacks_to_build()
+
+
+def validated_layers(source: str) -> list[dict]:
+    if source.endswith(".yaml"):
+        return config.load(str(ROOT / source))["model"]["layers"]
+    return config.load(None, [f"model.layers={source}"])["model"]["layers"]
+
+
+def with_defaults(text: str) -> list[dict]:
+    """A stack config.load refuses, with each layer's parameter defaults filled in as it would."""
+    return [{**{name: default for name, (_, default) in config.LAYER_PARAMS[spec["type"]].items()}, **spec}
+            for spec in yaml.safe_load(text)]
+
+
+# Run in a fresh process: environment.prepare before TensorFlow loads, as the command line does.
+# Reads {name: layers} on stdin; prints {name: each layer's output shape without the batch axis
+# and the trainable parameter count, or Keras' refusal}.
+KERAS_BUILD = """
+import json, sys
+from fmnist_dist import config
+from fmnist_dist import environment
+environment.prepare(config.namespace(config.defaults()))
+from fmnist_dist.training.model import build_model
+
+def built(layers):
+    try:
+        model = build_model(layers, seed=0)
+    except ValueError as e:
+        return {"refused": str(e).strip()}
+    return {"shapes": [list(layer.output.shape[1:]) for layer in model.layers],
+            "trainable": sum(int(v.shape.num_elements()) for v in model.trainable_variables)}
+
+print(json.dumps({name: built(layers) for name, layers in json.load(sys.stdin).items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def keras_builds() -> dict[str, dict]:
+    stacks = {name: validated_layers(source) for name, source in STACKS_TO_BUILD.items()}
+    stacks.update({f"refused {text}": with_defaults(text) for text, _ in REFUSED_STACKS})
+    proc = subprocess.run([PYTHON, "-c", KERAS_BUILD], input=json.dumps(stacks), cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=600)
+    if "No module named 'tensorflow'" in proc.stderr:
+        unavailable(f"no TensorFlow in {PYTHON} (run: bash scripts/setup.sh test)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def walked_shapes(layers: list[dict]) -> list[list[int]]:
+    """Each layer's output shape as config._layer_output follows one image through the stack."""
+    shape, shapes = config.IMAGE_SHAPE, []
+    for layer in layers:
+        shape, problem = config._layer_output(layer, shape)
+        assert problem is None, problem
+        shapes.append(list(shape))
+    return shapes
+
+
+@pytest.mark.parametrize("name", STACKS_TO_BUILD)
+def test_the_shape_walk_is_what_keras_builds(keras_builds, name):
+    """Layer by layer, the walk's shapes are Keras' (then model.py's Flatten if none, and the
+    Dense(10) logits), and config.trainable_parameters is the model's trainable weight count."""
+    layers, built = validated_layers(STACKS_TO_BUILD[name]), keras_builds[name]
+    assert "refused" not in built, f"{name}: the config accepts this stack, Keras refuses it: {built.get('refused')}"
+    walked = walked_shapes(layers)
+    assert built["shapes"][:len(layers)] == walked, f"{name}: Keras' shapes, then the walk's: " \
+        f"{built['shapes'][:len(layers)]} != {walked}"
+    assert built["shapes"][-1] == [10]
+    assert config.trainable_parameters(layers) == built["trainable"], \
+        f"{name}: config.trainable_parameters gives {config.trainable_parameters(layers)}, Keras {built['trainable']}"
+
+
+@pytest.mark.parametrize("text", [text for text, _ in REFUSED_STACKS])
+def test_stacks_the_walk_refuses_keras_refuses_too(keras_builds, text):
+    assert "refused" in keras_builds[f"refused {text}"], f"Keras built {text}, which the config refuses"

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, unavailable
 from fmnist_dist import data
 
 REAL_DIR = data.DEBIAN_DIR  # captured before any test points data.DEBIAN_DIR elsewhere
@@ -46,11 +46,8 @@ def small_images() -> np.ndarray:
 
 
 def require_real_data() -> None:
-    if os.path.isdir(REAL_DIR):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{REAL_DIR} is missing in CI: scripts/setup.sh must install dataset-fashion-mnist")
-    pytest.skip(f"{REAL_DIR} absent (install dataset-fashion-mnist, e.g. via scripts/setup.sh)")
+    if not os.path.isdir(REAL_DIR):
+        unavailable(f"{REAL_DIR} absent (apt-get install {data.DEBIAN_PACKAGE}, e.g. via scripts/setup.sh)")
 
 
 def link_real_files(directory, names=GZ_NAMES):

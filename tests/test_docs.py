@@ -11,7 +11,8 @@ MAX_README_BYTES = 15 * 1024
 
 def test_readme_opens_with_the_two_commands_and_stays_short():
     opening = "\n".join(README.splitlines()[:20])
-    assert "make train" in opening and "make test" in opening
+    assert {"train", "test"} <= set(make_targets(opening)), "README.md: the first 20 lines must give `make train` " \
+        "and `make test` as command lines"
     assert len(README.encode()) <= MAX_README_BYTES, "the README is a newcomer's page; details belong in docs/"
 
 
@@ -31,6 +32,14 @@ def test_the_default_recipe_is_the_schemas_defaults():
     assert config.load(str(ROOT / config.DEFAULT_CONFIG)) == config.defaults()
 
 
+def make_targets(script: str) -> list[str]:
+    """The make target of each command line that starts with `make` (`make test-fast X=1` -> test-fast)."""
+    return re.findall(r"^\s*make\s+([\w.-]+)", script, re.MULTILINE)
+
+
 def test_ci_runs_the_readme_test_command():
+    """`make test-fast` or `make tests` must not pass for `make test`: the targets are compared whole."""
+    assert make_targets("make test-fast PYTEST_ARGS=-v\n") == ["test-fast"]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in ci and "make test" in README
+    assert make_targets(ci) == ["test"], ".ci/run: expected exactly one make command, `make test` (the README's)"
+    assert "test" in make_targets(README), "README.md: expected a command line `make test`"

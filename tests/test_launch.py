@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from fmnist_dist import launch
-from fmnist_dist.training import environment
+from fmnist_dist import environment, launch
 from fmnist_dist.launch import LaunchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,3 +361,27 @@ def test_threads_follow_slurm_cpus_per_task_inside_a_step():
         {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "2"})) == 2
     assert environment.slurm_cpus_per_task({"SLURM_CPUS_PER_TASK": "2"}) is None  # batch script, not a task
     assert environment.threads_for_rank(3, 4, 8, 2, 2) == 3                        # the config wins
+
+
+def test_a_process_knows_how_long_it_has_run():
+    """environment.seconds_since_process_start: the process's start (lease.process_start, from
+    /proc/PID/stat) against the uptime, in a fresh process that slept 0.3 s first."""
+    code = ("import time\ntime.sleep(0.3)\nfrom fmnist_dist import environment\n"
+            "print(environment.seconds_since_process_start(time.perf_counter()))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) >= 0.25
+
+
+def test_a_timeline_is_asked_for_only_when_the_config_wants_one_and_the_launcher_set_none():
+    wants = SimpleNamespace(report=SimpleNamespace(timeline=True))
+    environ: dict[str, str] = {}
+    environment.request_timeline(wants, environ)
+    assert environ == {"HOROVOD_TIMELINE": "DYNAMIC"}
+    environ = {"HOROVOD_TIMELINE": "/tmp/whole-run.json"}
+    environment.request_timeline(wants, environ)
+    assert environ == {"HOROVOD_TIMELINE": "/tmp/whole-run.json"}
+    environ = {}
+    environment.request_timeline(SimpleNamespace(report=SimpleNamespace(timeline=False)), environ)
+    assert environ == {}

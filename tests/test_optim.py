@@ -7,10 +7,11 @@ import types
 import numpy as np
 import pytest
 
+from conftest import require_module
 from fmnist_dist import config as config_mod
 from fmnist_dist.scaling import plan_batches
 
-tf = pytest.importorskip("tensorflow")
+tf = require_module("tensorflow")
 from fmnist_dist.training import optim  # noqa: E402  (after TensorFlow, as the training imports it)
 
 

@@ -90,7 +90,6 @@ COMPARISONS = [
      "mpi-2x1-fp32", "keras-1x2-fp32"),
 ]
 QUICK_VARIANTS = ("keras-1x2-fp32", "mpi-2x1-fp32")  # both launch paths, one comparison
-CURVE_BATCHES = (16, 32, 64, 128, 256, 512)
 CURVE_IMAGES = 8192         # images per timed launch of the batch curve, whatever the batch
 
 

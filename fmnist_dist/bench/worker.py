@@ -9,7 +9,7 @@ import sys
 
 def main(spec_path: str) -> int:
     from .. import config as config_mod
-    from ..training import runtime
+    from .. import environment
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -17,7 +17,7 @@ def main(spec_path: str) -> int:
     if spec["mode"] == "layers":
         # One core, as each rank of the 2-rank default is bound by intel.bind=auto.
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    runtime.prepare(ns)                      # threads, binding, oneDNN/ITEX switches: before TensorFlow
+    environment.prepare(ns)                  # threads, binding, oneDNN/ITEX switches: before TensorFlow
     from . import measure                    # imports TensorFlow
 
     if spec["mode"] == "peak":

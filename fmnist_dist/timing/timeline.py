@@ -1,4 +1,5 @@
-"""Horovod's timeline: asking for it, and reading which collectives ran when (see timing/__init__)."""
+"""Horovod's timeline: reading which collectives ran when (see timing/__init__). Asking for it is
+environment.request_timeline's job, before Horovod starts."""
 from __future__ import annotations
 
 import json
@@ -6,13 +7,6 @@ import os
 from typing import Any
 
 COLLECTIVES = ("ALLREDUCE", "ALLGATHER", "BROADCAST", "ALLTOALL", "REDUCESCATTER", "ADASUM")
-
-
-def prepare_environment(ns: Any, environ: dict = os.environ) -> None:
-    """Before Horovod starts: ask for a dynamic timeline when report.timeline is on (and the
-    launcher did not already set HOROVOD_TIMELINE)."""
-    if getattr(getattr(ns, "report", None), "timeline", False) and not environ.get("HOROVOD_TIMELINE"):
-        environ["HOROVOD_TIMELINE"] = "DYNAMIC"
 
 
 def timeline_mode(environ: dict = os.environ) -> str | None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import tensorflow as tf
 
+from ..environment import seconds_since_process_start
 from ..errors import DivergenceError
 from . import watchdog
-from .environment import seconds_since_process_start
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

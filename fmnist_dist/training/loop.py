@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from .. import config as config_mod
 from .. import data as data_mod
-from .. import basis, lease, preflight, scaling
+from .. import basis, environment, lease, preflight, scaling
 from ..config import describe_layers
 from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError, ReportWriteError, RunDirError
 from ..files import now_iso
@@ -27,7 +27,7 @@ from ..reporting import report as report_mod
 from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
-from . import checkpoint, environment, optim, rundir, runtime, watchdog
+from . import checkpoint, optim, rundir, runtime, watchdog
 from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
 from .model import build_and_compile, flops_per_image
 from .pipeline import evaluate, make_batches

@@ -7,9 +7,9 @@ import tensorflow as tf
 
 from .optim import WarmupSchedule, lr_schedule, make_optimizer
 
+from ..config import IMAGE_SHAPE
 from ..data import NUM_CLASSES
 from ..scaling import BatchPlan
-IMAGE_SHAPE = (28, 28, 1)
 
 
 def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int,

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from .. import cpu
 from ..errors import SetupError
-from .environment import itex_dir, launcher_local_size, prepare, slurm_cpus_per_task, threads_for_rank
+from ..environment import itex_dir, launcher_local_size, prepare, slurm_cpus_per_task, threads_for_rank
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The process before TensorFlow loads: ranks and cores as the launcher announced them, threads per
-rank, binding, and the variables TensorFlow, oneDNN, OpenMP and ITEX read when they load.
+rank, binding, and the variables TensorFlow, oneDNN, OpenMP, ITEX and Horovod read when they load.
 
 `prepare` runs before anything imports TensorFlow: the command line calls it before it imports the
-training code, and the benchmark's worker before it measures. Pure Python.
+training code, and the benchmark's worker before it measures. Pure Python, in the base layer: the
+command line, launch-plan and the preflight use it without loading the training code.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ..timing import timeline
+from .lease import process_start
 
 # Variables launchers set for "how many ranks share this node", in order of trust.
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "HOROVOD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE")
@@ -99,7 +100,13 @@ def configure_environment(intel: Any, environ: dict[str, str] = os.environ) -> d
         "OMP_NUM_THREADS": str(threads),
         "KMP_AFFINITY": intel.kmp_affinity,
         "KMP_BLOCKTIME": str(intel.kmp_blocktime),
-        "TF_CPP_MIN_LOG_LEVEL": environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+        # 3, not 2: TF 2.15 logs its CUDA plugins' "Unable to register cuDNN/cuFFT/cuBLAS factory"
+        # at ERROR level on every import, GPU or not, and reads the level once, at its first message
+        # (during the import), so no level or later change tells them from other C++ ERROR lines.
+        # The cost: TensorFlow's C++ ERROR lines are hidden too; an error that stops the run still
+        # reaches the log as a Python exception carrying its text, and FATAL still prints. A level
+        # the user sets (e.g. 2 to see C++ errors) always wins.
+        "TF_CPP_MIN_LOG_LEVEL": environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         "FMNIST_THREADS": str(threads),
     }
     if intel.mixed_precision == "itex_bf16":
@@ -112,11 +119,18 @@ def prepare(cfg: Any) -> None:
     """Before TensorFlow loads: threads, binding, oneDNN/ITEX switches, Horovod's timeline.
     Idempotent (a second call finds the affinity it set and changes nothing)."""
     configure_environment(cfg.intel)
-    timeline.prepare_environment(cfg)
+    request_timeline(cfg)
     if cfg.train.stall_timeout:
         # Gloo ends a collective after 30 s with a traceback; the stall watchdog must speak first,
         # naming the rank (an explicit HOROVOD_GLOO_TIMEOUT_SECONDS is kept).
         os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(cfg.train.stall_timeout * 2 + 60)))
+
+
+def request_timeline(cfg: Any, environ: dict[str, str] = os.environ) -> None:
+    """Ask Horovod for a dynamic timeline when report.timeline is on (and the launcher did not
+    already set HOROVOD_TIMELINE): Horovod reads it when it starts."""
+    if getattr(getattr(cfg, "report", None), "timeline", False) and not environ.get("HOROVOD_TIMELINE"):
+        environ["HOROVOD_TIMELINE"] = "DYNAMIC"
 
 
 def itex_dir() -> str:
@@ -125,13 +139,15 @@ def itex_dir() -> str:
 
 
 def seconds_since_process_start(now_perf: float) -> float:
-    """How long this process ran before `now_perf` (interpreter, imports): from /proc/self/stat."""
+    """How long this process ran before `now_perf` (interpreter, imports): its start time since boot
+    (lease.process_start) against the uptime."""
+    start_ticks = process_start(os.getpid())
+    if start_ticks is None:
+        return 0.0
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        ran = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-        return max(0.0, ran - (time.perf_counter() - now_perf))
     except (OSError, ValueError, IndexError):
         return 0.0
+    ran = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return max(0.0, ran - (time.perf_counter() - now_perf))
