@@ -1,14 +1,16 @@
 """The run directory holds PNG plots (valid, of the documented size) and TensorBoard event files
-with the scalars; `report --plots` draws them again and the comparison's scaling plot."""
+with the scalars; `report --plots` draws them again and the comparison's scaling plot; a rank's
+images/s is one number in the report, the plot and TensorBoard."""
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
 import pytest
 
-from fmnist_dist.reporting import plots
-from conftest import cli, load
+from fmnist_dist.reporting import plots, report as report_mod
+from conftest import cli, load, require_module
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +70,32 @@ def test_tensorboard_event_files_hold_the_scalars(runs):
     assert series("learning_rate") == {e["epoch"]: pytest.approx(e["lr"], rel=1e-5) for e in epochs}
     assert series("time/epoch_training_s") == {e["epoch"]: pytest.approx(e["training_s"], rel=1e-5) for e in epochs}
     assert series("accuracy/test") == {2: pytest.approx(report["results"]["test_accuracy"], rel=1e-5)}
+
+
+def test_a_ranks_images_per_s_is_one_number_in_report_plot_and_tensorboard():
+    """report.json's per-rank images/s, throughput.png's per-rank lines and TensorBoard's per-rank
+    scalars all come from report.rank_throughput: images over data + fit seconds, 0 for a rank that
+    trained none of the epoch (rank 1 in epoch 1, as after a resume), a gap in the plot for an epoch
+    without the rank's record (rank 2 in epoch 1)."""
+    require_module("tensorflow")
+    from fmnist_dist.reporting.tensorboard import epoch_scalars
+
+    def record(rank, data, fit, samples):
+        return {"rank": rank, "host": "a", "data_s": data, "step_s": fit, "fit_s": fit, "wait_s": 5.0,
+                "eval_s": 1.0, "steps": samples // 100, "samples": samples}
+
+    metrics = {"lr": 1e-3, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85}
+    epochs = [report_mod.epoch_summary(1, [record(0, 1.0, 9.0, 1000), record(1, 0.0, 0.0, 0)], metrics),
+              report_mod.epoch_summary(2, [record(0, 1.0, 4.0, 1000), record(1, 1.0, 19.0, 1000),
+                                       record(2, 0.5, 4.5, 500)], metrics)]
+    by_hand = {0: [100.0, 200.0], 1: [0.0, 50.0], 2: [math.nan, 100.0]}
+    series = plots.rank_series(epochs)
+    assert series.keys() == by_hand.keys()
+    for rank, expected in by_hand.items():
+        assert series[rank] == pytest.approx(expected, nan_ok=True), rank
+    for i, e in enumerate(epochs):
+        scalars = epoch_scalars(e)
+        shown = {r["rank"]: scalars[f"throughput/rank{r['rank']}_images_per_s"] for r in e["ranks"]}
+        assert shown == {rank: pytest.approx(by_hand[rank][i]) for rank in shown}, e["epoch"]
+    totals = report_mod.timing_summary(epochs, None)["images_per_s_per_rank"]
+    assert totals == {"0": pytest.approx(2000 / 15), "1": pytest.approx(50.0), "2": pytest.approx(100.0)}

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..errors import ReportWriteError, cause  # noqa: E402
 from ..files import TMP_PREFIX, unlink_quietly  # noqa: E402
 from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows  # noqa: E402
+from .report import Epoch, Report, rank_throughput  # noqa: E402
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
@@ -69,14 +70,14 @@ def _make_dir(out_dir: str) -> None:
         raise ReportWriteError(f"{out_dir}: cannot hold the plots: {cause(e)}") from None
 
 
-def _title(report: dict) -> str:
+def _title(report: Report) -> str:
     w = report["world"]
     hosts = len(w["hosts"])
     return (f"{report['run_id']} · {w['size']} rank{'s' if w['size'] != 1 else ''} on {hosts} "
             f"host{'s' if hosts != 1 else ''} · {report['status']}")
 
 
-def plot_run(report: dict, out_dir: str) -> list[str]:
+def plot_run(report: Report, out_dir: str) -> list[str]:
     """The three per-run plots; returns their paths (none for a run without epochs)."""
     if not report.get("epochs"):
         return []
@@ -86,7 +87,7 @@ def plot_run(report: dict, out_dir: str) -> list[str]:
             time_breakdown(report, os.path.join(out_dir, RUN_PLOTS[2]))]
 
 
-def accuracy_loss(report: dict, path: str) -> str:
+def accuracy_loss(report: Report, path: str) -> str:
     epochs = report["epochs"]
     x = [e["epoch"] for e in epochs]
     res = report.get("results") or {}
@@ -108,16 +109,21 @@ def accuracy_loss(report: dict, path: str) -> str:
     return _save(fig, path)
 
 
-def throughput(report: dict, path: str) -> str:
+def rank_series(epochs: list[Epoch]) -> dict[int, list[float]]:
+    """Each rank's images/s per epoch (report.rank_throughput); NaN, a gap in the line, for an epoch
+    the rank has no record of."""
+    series: dict[int, list[float]] = {}
+    for rank in sorted({r["rank"] for e in epochs for r in e["ranks"]}):
+        records = [next((r for r in e["ranks"] if r["rank"] == rank), None) for e in epochs]
+        series[rank] = [rank_throughput([r]) if r else float("nan") for r in records]
+    return series
+
+
+def throughput(report: Report, path: str) -> str:
     epochs = report["epochs"]
     x = [e["epoch"] for e in epochs]
     fig, (per_rank, job) = _figure(2)
-    for rank in sorted({r["rank"] for e in epochs for r in e["ranks"]}):
-        ys = []
-        for e in epochs:
-            r = next((r for r in e["ranks"] if r["rank"] == rank), None)
-            busy = (r["data_s"] + r["fit_s"]) if r else 0.0
-            ys.append(r["samples"] / busy if r and busy > 0 else float("nan"))
+    for rank, ys in rank_series(epochs).items():
         per_rank.plot(x, ys, "o-", label=f"rank {rank}")
     per_rank.set_title("per rank: images ÷ (data + fit) seconds", fontsize=10)
     job.plot(x, [e["images_per_s"] for e in epochs], "o-", color="black", label="all ranks")
@@ -133,7 +139,7 @@ def throughput(report: dict, path: str) -> str:
     return _save(fig, path)
 
 
-def time_breakdown(report: dict, path: str) -> str:
+def time_breakdown(report: Report, path: str) -> str:
     rows = breakdown_rows(report)
     method = (report.get("breakdown") or {}).get("method", "no split recorded")
     fig, ax = _figure(1)
@@ -160,7 +166,7 @@ def _stacked(ax, labels: list[str], values: list[list[float]], horizontal: bool 
     (ax.xaxis if horizontal else ax.yaxis).grid(alpha=0.3)
 
 
-def plot_comparison(rows: list[dict], reports: dict[str, dict], out_dir: str,
+def plot_comparison(rows: list[dict], reports: dict[str, Report], out_dir: str,
                     projections: list[dict] | None = None) -> list[str]:
     """rows: compare.compare_rows output; reports: path -> report. Returns the paths written."""
     _make_dir(out_dir)
@@ -208,7 +214,7 @@ def scaling(rows: list[dict], path: str, projections: list[dict] | None = None) 
     return _save(fig, path)
 
 
-def comparison_breakdown(rows: list[dict], reports: dict[str, dict], path: str) -> str:
+def comparison_breakdown(rows: list[dict], reports: dict[str, Report], path: str) -> str:
     fig, ax = _figure(1)
     labels, values = [], []
     for r in rows:

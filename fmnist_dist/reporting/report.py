@@ -1,59 +1,22 @@
 """The run report: aggregation of per-rank timings, report.json / report.md / epochs.csv, summaries.
 
-report.json schema (SCHEMA_VERSION 1), written by rank 0 after every epoch and at the end:
-  schema, schema_version, run_id, status (running|completed|failed|preempted), error,
-  failure {reason, epoch, step (of the epoch), run_step, loss, rank} (when the training loss became
-          NaN or infinite: where it was first seen),
-  started, finished, command, config (fully resolved),
-  environment (detected at run time: versions, ITEX/oneDNN/bf16 state, CPU flags, threads;
-               precision {requested, chosen, reason, hosts {host: isa}}; nodes [each rank's CPU:
-               host, cpu_model, flags, isa, isa_cap, avx512, native_bf16]),
-  preflight (RUN_DIR/preflight.json when the job ran one: ranks, clock_offsets_s, clock_skew_s,
-             precision, problems) or null,
-  world {size, hosts {host: [ranks]}, ranks [{rank, host, local_rank, pid, threads,
-         shard_size, epoch1_shard_sha256 (of the rank's epoch-1 training indices as int64),
-         initial_weights_sha256}]},
-  segments [{segment, started, world_size, hosts, resumed_from, start_epoch, start_position, peak_lr,
-             precision, training_s, ended, end (running|completed|preempted|failed|interrupted), note,
-             reason, code_version (fmnist-dist version [+g<git commit>] that ran the segment),
-             checkpoint_code_version (on a resume: the version that wrote its checkpoint)}]
-             (one per start or resume of the run),
-  data {source, train_size, val_size, test_size, steps_per_epoch, batch_size_per_rank (of one rank,
-        real or simulated), global_batch_size, scaling {mode (weak|strong), processes, world_size,
-        simulated, global_batch_size, batch_size_per_rank, batch_size_per_process, lr_factor,
-        recipe (standard|large-batch), optimizer, warmup_epochs, accuracy_basis}},
-  model {layers, description, parameters, trainable_parameters, batch_norm, flops_per_image},
-  epochs [{epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, training_s,
-           evaluation_s, images_per_s, ranks [{rank, host, data_s, step_s, fit_s, wait_s,
-           eval_s, steps, samples,
-           compute_s, comm_s, comm_method (probe|timeline|single), tracing_s, other_s
-           (fit_s - step_s + tracing_s), step_median_s, step_spread, cpu_s, cpu_wait_s,
-           cpu_wait_share, loadavg, checkpoint_s,
-           negotiate_s (timeline only); compute_s + comm_s + tracing_s = step_s}]}],
-  timing {startup_s, data_load_s, training_s, evaluation_s, total_s, time_to_target_s,
-          images_per_s, images_per_s_per_rank {rank: x}, imbalance, per_host {host: {...}}},
-  results {val_accuracy, val_loss, test_accuracy, test_loss, test_correct, test_total,
-           eval_flip (validation and test logits averaged over each image and its mirror image),
-           test_accuracy_one_view (the test images alone; equals test_accuracy without eval_flip),
-           target_accuracy, target_reached_epoch},
-  breakdown {method (probe|timeline|single|mixed), method_detail,
-           timeline {mode (per-epoch|whole-run), files} or null, categories [...],
-           probe {tensors, gradient_bytes, calls, warmup, ranks, seconds_per_call,
-                  seconds_per_call_ranks {rank: s}, spread (interquartile range / median),
-                  sizes [{bytes, seconds}], fit {latency_s, bandwidth_Bps, r2, model} or null,
-                  probe_s, skipped (1 rank only)},
-           ranks [{rank, host, startup_s, data_s, compute_s, comm_s, wait_s, other_s, eval_s,
-                   checkpoint_s, total_s, steps, samples}] (totals over epochs; see fmnist_dist/timing)}
+report.json (schema SCHEMA, version SCHEMA_VERSION) is written by rank 0 after every epoch, at a
+checkpoint, and at the end. Its one definition is `Report` below: the training loop writes it, the
+summaries here build parts of it, and render, plots, tensorboard, compare and projection read it.
+tests/test_report_schema.py checks real reports against it, both ways: a key written but not
+declared fails, and so does one declared but never written.
 All times are seconds of wall-clock time; "training" excludes evaluation and start-up.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Python 3.11 reads NotRequired in a TypedDict only
+# from annotations evaluated at class creation (in strings it counts the key as required).
 import csv
 import io
 import json
 import os
 import statistics
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal, NotRequired, TypedDict
+
 from ..errors import ReportError, ReportWriteError, cause
 from ..files import fsync_path, stage, unlink_quietly
 from .render import RANK_COLUMNS, render_markdown
@@ -63,8 +26,369 @@ SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.md", "epochs.csv")
 
 
+class Empty(TypedDict):
+    """A section not written yet: {}."""
 
-def epoch_summary(epoch: int, rank_records: list[dict], metrics: dict) -> dict:
+
+# -- where the run ran: environment, preflight, world ------------------------------------------
+
+class ItexState(TypedDict):
+    loaded: bool
+    version: str | None
+    reason: str                     # why not loaded ("" when loaded)
+
+
+class NodeCpu(TypedDict):
+    """One rank's CPU as the precision decision sees it (cpu.node_facts)."""
+    host: str
+    cpu_model: str
+    flags: list[str]                # the flags that matter to TensorFlow's kernels
+    isa_cap: str | None             # "ONEDNN_MAX_CPU_ISA=..." when capped
+    isa: str
+    avx512: bool
+    native_bf16: bool
+
+
+class PrecisionDecision(TypedDict):
+    """cpu.resolve_precision: the least capable node decides."""
+    requested: str                  # intel.mixed_precision
+    chosen: str                     # fp32, keras_bf16 or itex_bf16
+    reason: str
+    hosts: dict[str, str]           # host -> its ISA
+
+
+class Environment(TypedDict):
+    """Detected at run time, not what was asked for (training.runtime.detect_environment)."""
+    python: str
+    tensorflow: str
+    horovod: str
+    horovod_controller: Literal["mpi", "gloo"]
+    itex: ItexState
+    onednn_enabled: bool
+    mixed_precision_policy: str
+    itex_auto_mixed_precision: bool
+    intra_op_threads: int
+    inter_op_threads: int
+    omp_num_threads: str | None
+    kmp_affinity: str | None
+    kmp_blocktime: str | None
+    bound_by: str
+    cpu_model: str
+    cpu_flags: list[str]
+    precision: PrecisionDecision
+    nodes: list[NodeCpu]            # one per rank
+    node_cores: int
+    affinity_cores: list[int]
+    platform: str
+    argv: list[str]
+
+
+class Preflight(TypedDict):
+    """RUN_DIR/preflight.json, when the job ran a preflight (fmnist_dist/preflight.py)."""
+    checked: str
+    ranks: list[dict[str, Any]]     # each rank's preflight.check_node record
+    clock_offsets_s: list[float | None]
+    clock_skew_s: float
+    precision: PrecisionDecision | None
+    problems: list[str]
+    seconds: float
+
+
+class WorldRank(TypedDict):
+    rank: int
+    host: str
+    local_rank: int
+    pid: int
+    threads: int
+    cpu_affinity: list[int]
+    shard_size: int                 # training images per epoch
+    epoch1_shard_sha256: str        # of the rank's epoch-1 training indices as int64
+    initial_weights_sha256: str
+
+
+class World(TypedDict):
+    size: int
+    hosts: dict[str, list[int]]     # host -> its ranks
+    ranks: list[WorldRank]
+
+
+class Segment(TypedDict):
+    """One start or resume of the run."""
+    segment: int
+    started: str
+    world_size: int
+    hosts: list[str]
+    resumed_from: str | None        # the checkpoint
+    start_epoch: int
+    start_position: int             # examples of the epoch already trained
+    skipped_examples: int           # epoch remainders dropped after a resume on another world size
+    start_step: int
+    peak_lr: float
+    precision: str
+    training_s: float
+    ended: str | None
+    end: Literal["running", "completed", "preempted", "failed", "interrupted", "stalled"]
+    config_changes: dict[str, list[Any]] | None     # --allow-change: {key: [before, after]}
+    code_version: NotRequired[str]  # fmnist-dist version [+g<git commit>]; from the segment's first save
+    checkpoint_code_version: NotRequired[str | None]    # on a resume: the version that wrote its checkpoint
+    note: NotRequired[str]          # resumed on another world size
+    reason: NotRequired[str]        # why it ended, when not completed
+
+
+# -- data and scaling --------------------------------------------------------------------------
+
+class Candidate(TypedDict):
+    """A global batch train.global_batch_size=auto weighed (scaling.choose)."""
+    global_batch: int
+    per_rank: int
+    expected_accuracy: float | None     # None: outside the accuracy basis
+    epochs_to_target: int | None
+    epochs: int | None
+    epoch_s: NotRequired[float]         # these three for a candidate that reaches the target
+    epochs_trained: NotRequired[int]
+    projected_s: NotRequired[float]
+    rejected: NotRequired[str]          # why not (absent on the one chosen)
+
+
+class Choice(TypedDict):
+    """train.global_batch_size=auto: the global batch taken, and why."""
+    global_batch: int | None            # None: no basis, or none reaches the target (weak scaling)
+    mode: Literal["weak", "strong"]
+    reason: str
+    candidates: list[Candidate]
+    network: NotRequired[str | list[float]]     # train.interconnect, or [latency s, bandwidth B/s]
+    precision: NotRequired[str | None]          # the throughput curve used (fp32 or bf16)
+
+
+class AccuracyBasis(TypedDict):
+    """Where the global batch lies in the recipe's measured accuracy basis (basis.launch_check)."""
+    basis: str | None                   # None: no basis measured for this recipe
+    recipe: str | None
+    target: float
+    within: bool | None
+    expected_accuracy: float | None
+    epochs: int | None
+    note: str | None
+    warning: str | None
+
+
+class Scaling(TypedDict):
+    """The global batch's split (scaling.BatchPlan.describe) and its recipe (training.optim.recipe)."""
+    mode: Literal["weak", "strong"]
+    processes: int
+    world_size: int                     # real or simulated ranks
+    simulated: bool
+    global_batch_size: int
+    batch_size_per_rank: int
+    batch_size_per_process: int
+    lr_factor: float
+    recipe: Literal["standard", "large-batch"]
+    optimizer: str
+    warmup_epochs: float
+    choice: Choice | None               # None when train.global_batch_size is explicit
+    accuracy_basis: AccuracyBasis
+
+
+class Data(TypedDict):
+    source: str
+    train_size: int
+    val_size: int
+    test_size: int
+    steps_per_epoch: int
+    batch_size_per_rank: int            # of one rank, real or simulated
+    global_batch_size: int
+    scaling: Scaling
+
+
+class Model(TypedDict):
+    layers: list[dict[str, Any]]        # model.layers of the config
+    description: str
+    parameters: int
+    trainable_parameters: int
+    batch_norm: bool
+    flops_per_image: int
+
+
+# -- epochs and timing -------------------------------------------------------------------------
+
+class EpochRank(TypedDict):
+    """One rank's epoch (fit chunks added up); compute_s + comm_s + tracing_s = step_s."""
+    rank: int
+    host: str
+    data_s: float
+    step_s: float
+    fit_s: float
+    wait_s: float
+    eval_s: float
+    steps: int
+    samples: int
+    checkpoint_s: float
+    compute_s: float
+    comm_s: float
+    comm_method: Literal["probe", "timeline", "single"]
+    other_s: float                      # fit_s - step_s + tracing_s
+    negotiate_s: NotRequired[float]     # timeline only
+    # The step statistics and CPU use: absent for an epoch this segment trained none of.
+    tracing_s: NotRequired[float]
+    step_median_s: NotRequired[float]
+    step_spread: NotRequired[float]
+    cpu_s: NotRequired[float]
+    cpu_wait_s: NotRequired[float]
+    cpu_wait_share: NotRequired[float]
+    loadavg: NotRequired[float]
+
+
+class EpochMetrics(TypedDict):
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+
+
+class Epoch(EpochMetrics):
+    epoch: int
+    training_s: float                   # the slowest rank's data + fit + wait
+    evaluation_s: float
+    images_per_s: float
+    ranks: list[EpochRank]
+
+
+class HostTiming(TypedDict):
+    ranks: list[int]
+    busy_s: float                       # its slowest rank's data + fit
+    samples: int
+    images_per_s: float
+
+
+class TimingSummary(TypedDict):
+    """timing_summary: totals over the epochs."""
+    training_s: float
+    evaluation_s: float
+    time_to_target_s: float | None
+    images_per_s: float
+    images_per_s_per_rank: dict[str, float]     # rank -> rank_throughput over every epoch
+    imbalance: float                    # the slowest rank's busy time over the mean, minus 1
+    per_host: dict[str, HostTiming]
+
+
+class Timing(TimingSummary):
+    startup_s: float
+    data_load_s: float
+    total_s: float
+
+
+class Results(TypedDict):
+    val_accuracy: float
+    val_loss: float
+    test_accuracy: float
+    test_loss: float
+    test_correct: int
+    test_total: int
+    eval_flip: bool                     # logits averaged over each image and its mirror image
+    test_accuracy_one_view: float       # the images alone; equals test_accuracy without eval_flip
+    target_accuracy: float | None
+    target_reached_epoch: int | None
+    stopped_early: str | None
+    weights_sha256: str
+
+
+# -- the time breakdown (fmnist_dist/timing) ---------------------------------------------------
+
+class ProbeSize(TypedDict):
+    bytes: int
+    seconds: float
+
+
+class ProbeFit(TypedDict):
+    latency_s: float
+    bandwidth_Bps: float
+    r2: float
+    model: str
+
+
+class Probe(TypedDict):
+    tensors: int
+    gradient_bytes: int
+    calls: int
+    warmup: int
+    ranks: int
+    seconds_per_call: float
+    seconds_per_call_ranks: dict[str, float]
+    spread: float                       # interquartile range / median
+    sizes: list[ProbeSize]
+    fit: ProbeFit | None
+    probe_s: float
+    skipped: NotRequired[str]           # 1 rank only
+
+
+class TimelineFiles(TypedDict):
+    mode: Literal["per-epoch", "whole-run"]
+    files: list[str]
+
+
+class RankTotals(TypedDict):
+    """Seconds per rank and category, summed over epochs (start-up once)."""
+    rank: int
+    host: str
+    startup_s: float
+    data_s: float
+    compute_s: float
+    comm_s: float
+    wait_s: float
+    other_s: float
+    eval_s: float
+    checkpoint_s: float
+    total_s: float
+    steps: int
+    samples: int
+
+
+class Breakdown(TypedDict):
+    method: Literal["probe", "timeline", "single", "mixed"]
+    method_detail: str
+    timeline: TimelineFiles | None
+    categories: list[str]
+    probe: Probe
+    ranks: list[RankTotals]
+
+
+# -- the report --------------------------------------------------------------------------------
+
+class Failure(TypedDict):
+    """Where the training loss first became NaN or infinite."""
+    reason: str
+    epoch: int
+    step: int                           # of the epoch
+    run_step: int
+    loss: str                           # "nan", "inf"
+    rank: int
+
+
+class Report(TypedDict):
+    schema: str                         # SCHEMA
+    schema_version: int                 # SCHEMA_VERSION
+    run_id: str
+    status: Literal["running", "completed", "failed", "preempted"]
+    error: str | None
+    started: str
+    finished: str | None
+    config: dict[str, Any]              # fully resolved (fmnist_dist/config.py)
+    environment: Environment
+    preflight: Preflight | None
+    world: World
+    segments: list[Segment]
+    data: Data
+    model: Model
+    epochs: list[Epoch]
+    timing: Timing | Empty              # {} until the first epoch ends
+    results: Results | Empty            # {} until the run completes
+    breakdown: NotRequired[Breakdown]   # from the first epoch's end
+    failure: NotRequired[Failure]       # the training loss became NaN or infinite
+    stopped: NotRequired[str]           # why a preempted run stopped (signal, time limit)
+
+
+def epoch_summary(epoch: int, rank_records: list[EpochRank], metrics: EpochMetrics) -> Epoch:
     """One epoch from every rank's record; training time is the slowest rank's."""
     training_s = max(r["data_s"] + r["fit_s"] + r["wait_s"] for r in rank_records)
     evaluation_s = max(r["eval_s"] for r in rank_records)
@@ -74,32 +398,43 @@ def epoch_summary(epoch: int, rank_records: list[dict], metrics: dict) -> dict:
             "ranks": sorted(rank_records, key=lambda r: r["rank"])}
 
 
-def timing_summary(epochs: list[dict], target: float | None) -> dict:
+def busy_s(record: EpochRank) -> float:
+    """A rank's own working time in an epoch: data input and fit, without the wait for the slowest
+    rank and without evaluation."""
+    return record["data_s"] + record["fit_s"]
+
+
+def rank_throughput(records: Iterable[EpochRank]) -> float:
+    """One rank's images/s over the records given (one epoch's, or every epoch's): its images over
+    its busy seconds; 0.0 when it was never busy. The one definition the report, the plots and
+    TensorBoard show."""
+    listed = list(records)
+    busy = sum(busy_s(r) for r in listed)
+    return sum(r["samples"] for r in listed) / busy if busy > 0 else 0.0
+
+
+def timing_summary(epochs: list[Epoch], target: float | None) -> TimingSummary:
     """Totals over epochs: training time, throughput overall and per rank, imbalance, per host."""
     training_s = sum(e["training_s"] for e in epochs)
     samples = sum(r["samples"] for e in epochs for r in e["ranks"])
-    busy: dict[int, float] = {}
-    rank_samples: dict[int, int] = {}
-    hosts: dict[int, str] = {}
+    by_rank: dict[int, list[EpochRank]] = {}
     for e in epochs:
         for r in e["ranks"]:
-            busy[r["rank"]] = busy.get(r["rank"], 0.0) + r["data_s"] + r["fit_s"]
-            rank_samples[r["rank"]] = rank_samples.get(r["rank"], 0) + r["samples"]
-            hosts[r["rank"]] = r["host"]
-    per_rank = {str(k): rank_samples[k] / busy[k] if busy[k] > 0 else 0.0 for k in sorted(busy)}
+            by_rank.setdefault(r["rank"], []).append(r)
+    busy = {rank: sum(busy_s(r) for r in records) for rank, records in by_rank.items()}
     mean_busy = statistics.fmean(busy.values()) if busy else 0.0
     return {
         "training_s": training_s,
         "evaluation_s": sum(e["evaluation_s"] for e in epochs),
         "time_to_target_s": time_to_target(epochs, target),
         "images_per_s": samples / training_s if training_s > 0 else 0.0,
-        "images_per_s_per_rank": per_rank,
+        "images_per_s_per_rank": {str(rank): rank_throughput(by_rank[rank]) for rank in sorted(by_rank)},
         "imbalance": (max(busy.values()) / mean_busy - 1.0) if mean_busy > 0 else 0.0,
-        "per_host": _per_host(busy, rank_samples, hosts),
+        "per_host": _per_host(by_rank),
     }
 
 
-def time_to_target(epochs: list[dict], target: float | None) -> float | None:
+def time_to_target(epochs: list[Epoch], target: float | None) -> float | None:
     """Training seconds until the first epoch whose validation accuracy reached the target."""
     if target is None:
         return None
@@ -111,19 +446,19 @@ def time_to_target(epochs: list[dict], target: float | None) -> float | None:
     return None
 
 
-def _per_host(busy: dict, samples: dict, hosts: dict) -> dict:
-    out: dict[str, dict] = {}
-    for rank, host in sorted(hosts.items()):
-        h = out.setdefault(host, {"ranks": [], "busy_s": 0.0, "samples": 0})
+def _per_host(by_rank: dict[int, list[EpochRank]]) -> dict[str, HostTiming]:
+    out: dict[str, HostTiming] = {}
+    for rank, records in sorted(by_rank.items()):
+        h = out.setdefault(records[-1]["host"], {"ranks": [], "busy_s": 0.0, "samples": 0, "images_per_s": 0.0})
         h["ranks"].append(rank)
-        h["busy_s"] = max(h["busy_s"], busy[rank])
-        h["samples"] += samples[rank]
+        h["busy_s"] = max(h["busy_s"], sum(busy_s(r) for r in records))
+        h["samples"] += sum(r["samples"] for r in records)
     for h in out.values():
         h["images_per_s"] = h["samples"] / h["busy_s"] if h["busy_s"] > 0 else 0.0
     return out
 
 
-def write_report(run_dir: str, report: dict) -> None:
+def write_report(run_dir: str, report: Report) -> None:
     """report.json, epochs.csv and report.md, each whole or not at all. All three are written to
     temporary files first (a full disk replaces none), then put in place with report.json last: it
     is what a resume and `report` read, so a failure leaves the earlier one. ReportWriteError names
@@ -161,7 +496,7 @@ def report_status(run_dir: str) -> str | None:
         return "unreadable"
 
 
-def load_report(run_dir: str) -> dict:
+def load_report(run_dir: str) -> Report:
     path = os.path.join(run_dir, "report.json") if os.path.isdir(run_dir) else run_dir
     try:
         with open(path, encoding="utf-8") as f:
@@ -184,7 +519,7 @@ EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val
 SPLIT_COLUMNS = ("compute_s", "comm_s", "comm_method", "other_s", "checkpoint_s")
 
 
-def epochs_csv(report: dict) -> str:
+def epochs_csv(report: Report) -> str:
     """One row per epoch and rank: the epoch's metrics, then that rank's timings."""
     out = io.StringIO()
     writer = csv.writer(out)

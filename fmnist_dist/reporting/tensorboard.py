@@ -6,6 +6,7 @@ import os
 import tensorflow as tf
 
 from ..errors import ReportWriteError, cause
+from .report import Epoch, Report, rank_throughput
 
 
 class TensorBoardWriter:
@@ -28,19 +29,11 @@ class TensorBoardWriter:
             self._writer = tf.summary.create_file_writer(self.path)
         return self._writer
 
-    def epoch(self, report: dict) -> None:
+    def epoch(self, report: Report) -> None:
         """The last epoch's curves, throughput and times (per rank too)."""
-        e = report["epochs"][-1]
-        scalars = {"loss/train": e["train_loss"], "loss/validation": e["val_loss"],
-                   "accuracy/train": e["train_accuracy"], "accuracy/validation": e["val_accuracy"],
-                   "learning_rate": e["lr"], "throughput/images_per_s": e["images_per_s"],
-                   "time/epoch_training_s": e["training_s"], "time/epoch_evaluation_s": e["evaluation_s"]}
-        for r in e["ranks"]:
-            busy = r["data_s"] + r["fit_s"]
-            scalars[f"throughput/rank{r['rank']}_images_per_s"] = r["samples"] / busy if busy > 0 else 0.0
-        self._write(e["epoch"], scalars)
+        self._write(report["epochs"][-1]["epoch"], epoch_scalars(report["epochs"][-1]))
 
-    def final(self, report: dict) -> None:
+    def final(self, report: Report) -> None:
         """The test results and the run's totals, at the last epoch's step; then closes the file."""
         res, timing = report.get("results", {}), report["timing"]
         scalars = {name: res[key] for name, key in (("loss/test", "test_loss"), ("accuracy/test", "test_accuracy"))
@@ -65,3 +58,15 @@ class TensorBoardWriter:
             self._writer.flush()
         except (OSError, tf.errors.OpError) as e:
             self.failure = ReportWriteError(f"{self.path}: could not write the TensorBoard log: {cause(e)}")
+
+
+def epoch_scalars(e: Epoch) -> dict[str, float]:
+    """An epoch's scalars by tag: its curves, throughput and times, and each rank's images/s
+    (report.rank_throughput)."""
+    scalars = {"loss/train": e["train_loss"], "loss/validation": e["val_loss"],
+               "accuracy/train": e["train_accuracy"], "accuracy/validation": e["val_accuracy"],
+               "learning_rate": e["lr"], "throughput/images_per_s": e["images_per_s"],
+               "time/epoch_training_s": e["training_s"], "time/epoch_evaluation_s": e["evaluation_s"]}
+    for r in e["ranks"]:
+        scalars[f"throughput/rank{r['rank']}_images_per_s"] = rank_throughput([r])
+    return scalars
