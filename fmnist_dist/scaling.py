@@ -167,8 +167,12 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
                 f"train.batch_size {train['batch_size']} per rank", "candidates": []}
     points = recipe_points(basis)
     lo, hi = points[0]["global_batch"], points[-1]["global_batch"]
-    curves = basis.get("throughput", {}).get("precisions", {})
+    curves = (basis.get("throughput") or {}).get("precisions") or {}
     throughput = curves.get(precision) or next(iter(curves.values()), None)
+    if throughput is None:
+        return {"global_batch": None, "mode": "weak", "candidates": [],
+                "reason": f"the {basis['recipe']} basis has no throughput curve (bench --batch-curve): weak scaling, "
+                          f"train.batch_size {train['batch_size']} per rank"}
     network = network or train.get("interconnect") or "25gbe"
     early_stop = train.get("target_accuracy") is not None
     weighed = []
@@ -176,7 +180,7 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
         e = expect(points, min(max(g, lo), hi) if abs(g - min(max(g, lo), hi)) < ranks else g, target)
         row = {"global_batch": g, "per_rank": g // ranks, "expected_accuracy": e["accuracy_mean"],
                "epochs_to_target": e["epochs_to_target"], "epochs": e.get("epochs")}
-        per_epoch = epoch_s(g, ranks, nodes, train_size, throughput, gradient_bytes, network) if throughput else None
+        per_epoch = epoch_s(g, ranks, nodes, train_size, throughput, gradient_bytes, network)
         if not e["within"]:
             row["rejected"] = f"outside the basis ({lo}–{hi}): accuracy not measured"
         elif e["accuracy_mean"] < target:

@@ -243,3 +243,10 @@ def test_time_to_accuracy_renders_a_table_per_use_of_the_nodes():
     head, rows = projection.time_to_target_table(projected({512: 0.925, 1024: 0.90}, nodes=(1, 2)))
     assert head[:5] == ["nodes", "ranks", "weak batch", "weak acc", "weak s"] and len(rows) == 2
     assert rows[1][2:5] == ["1024", "90.00%", "—"]                      # weak at 2 nodes: below the target
+
+
+def test_auto_without_a_throughput_curve_is_weak_scaling_and_names_the_missing_curve():
+    b = a_basis({512: 0.925, 1024: 0.923})
+    del b["throughput"]
+    c = choose(4, 2, b)
+    assert c["global_batch"] is None and "has no throughput curve" in c["reason"]
