@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import cpu, lease
+from . import cpu, lease, tables
 from .environment import itex_dir
 from .errors import RunDirError, SetupError
 from .files import atomic_write, now_iso
@@ -173,18 +173,17 @@ def agree(results: list[dict], requested_precision: str) -> tuple[dict | None, l
 
 
 def table(results: list[dict], offsets: list[float | None]) -> list[str]:
-    head = f"{'rank':>4s}  {'host':16s} {'cpu':28s} {'isa':14s} {'cores':>5s} {'affinity':10s} " \
-           f"{'python':7s} {'tensorflow':10s} {'horovod':8s} {'itex':9s} {'data':5s} {'run dir':12s} {'clock':>8s}"
-    lines = [head, "-" * len(head)]
+    rows = []
     for i, r in enumerate(results):
         v, rd = r["versions"], r["run_dir"]
         data = {True: "ok", False: "FAIL", None: "dl"}[r["data"]["ok"]]
         run_dir = f"{rd['free_bytes'] / 2**30:.1f}G free" if rd["writable"] else "not writable"
         clock = "" if offsets[i] is None else f"{offsets[i] * 1000:+.1f}ms"
-        lines.append(f"{i:>4d}  {r['host'][:16]:16s} {r['cpu_model'][:28]:28s} {r['isa'][:14]:14s} {r['cores']:>5d} "
-                     f"{_ranges(r['affinity'])[:10]:10s} {v['python']:7s} {str(v['tensorflow'])[:10]:10s} "
-                     f"{str(v['horovod'])[:8]:8s} {str(v['itex'])[:9]:9s} {data:5s} {run_dir:12s} {clock:>8s}")
-    return lines
+        rows.append([str(i), r["host"][:16], r["cpu_model"][:28], r["isa"][:14], str(r["cores"]), _ranges(r["affinity"]),
+                     v["python"], str(v["tensorflow"]), str(v["horovod"]), str(v["itex"]), data, run_dir, clock])
+    head = ["rank", "host", "cpu", "isa", "cores", "affinity", "python", "tensorflow", "horovod", "itex", "data",
+            "run dir", "clock"]
+    return tables.table(head, rows, left={1, 2, 3, 5, 6, 7, 8, 9, 10, 11})
 
 
 def _ranges(cores: list[int]) -> str:

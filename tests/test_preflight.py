@@ -42,7 +42,7 @@ def test_two_ranks_pass_and_the_record_is_kept(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("fmnist-dist preflight: 2 rank(s) on 1 host(s), ")
     assert lines[1].split()[:4] == ["rank", "host", "cpu", "isa"]
-    assert [line.split()[:2] for line in lines[3:5]] == [["0", HOST[:16]], ["1", HOST[:16]]]
+    assert [line.split()[:2] for line in lines[2:4]] == [["0", HOST[:16]], ["1", HOST[:16]]]
     assert any(line.startswith("precision: ") for line in lines) and lines[-1] == "preflight: ok"
     record = json.loads((run_dir / "preflight.json").read_text())
     assert record["problems"] == [] and len(record["ranks"]) == 2
