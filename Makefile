@@ -69,7 +69,7 @@ scan: setup
 	  $(PY) -m fmnist_dist train --config configs/$(RECIPE).yaml --set train.simulate_world_size=$$w \
 	    --set train.seed=$$s --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
-	$(PY) -m fmnist_dist report '$(SCAN_DIR)/*' --scan --format md
+	$(PY) -m fmnist_dist report '$(SCAN_DIR)/w*' --scan --format md
 
 # The accuracy basis the package ships for RECIPE (train.global_batch_size=auto): the scan, one
 # rank's throughput against its batch on this CPU, both into fmnist_dist/bases/RECIPE.json.
