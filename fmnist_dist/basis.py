@@ -29,6 +29,15 @@ DEFAULT_TARGET = 0.92
 SCAN_KEYS = ("train.seed", "train.simulate_world_size", "train.global_batch_size", "train.target_accuracy")
 
 
+def shown_path(basis: dict) -> str:
+    """Where the basis came from, as a user would name it: a shipped one relative to the checkout."""
+    path = Path(basis.get("path", "given"))
+    try:
+        return str(path.resolve().relative_to(BASES_DIR.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def basis_key(cfg: dict) -> str:
     return config_mod.experiment_key(cfg, drop=SCAN_KEYS)
 

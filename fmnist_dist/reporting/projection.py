@@ -290,7 +290,7 @@ def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
         "lines": [
             f"accuracy basis: the {b['recipe']} recipe's scan ({len(points)} global batches, {lo}–{hi}, "
             f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
-            f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; {b.get('path', 'given')}); interpolated "
+            f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; {basis_mod.shown_path(b)}); interpolated "
             "in log2(global batch) between measured points, nothing claimed outside them",
             f"epochs to {target:.1%}: the first epoch at which every seed's validation accuracy reached it, in the "
             f"scan's {points[0]['epochs']}-epoch schedule, where the mean test accuracy reached it too; time to target "
