@@ -38,8 +38,10 @@ def start_single(ns: Any) -> tuple[dict, int]:
     return itex, threads
 
 
-def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | None:
-    """images/s of `steps` timed steps after `warmup_steps` untimed ones, all ranks, as training runs them."""
+def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
+               tensorflow_loaded_before_prepare: bool = False) -> dict | None:
+    """images/s of `steps` timed steps after `warmup_steps` untimed ones, all ranks, as training runs
+    them; each rank's record of what was in effect (in_effect) goes with its figures."""
     _stage("start")
     if horovod:
         rt = runtime.start(ns)
@@ -53,7 +55,10 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
                        "itex_auto_mixed_precision": os.environ.get("ITEX_AUTO_MIXED_PRECISION") == "1"
                        and itex["loaded"],
                        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
-    _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads")
+    effect = in_effect(environment["itex"], world, tensorflow_loaded_before_prepare)
+    environment["onednn_enabled"] = effect["onednn"]  # runtime's flag reads the variable, not what loaded
+    environment["in_effect"] = effect
+    _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads; in effect: {effect}")
     t = ns.train
     dataset = data_mod.load_fashion_mnist(ns.data.dir, ns.data.download, ns.data.cache_dir, ns.data.url,
                                           progress=False)
@@ -82,7 +87,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
     fit_s = time.perf_counter() - t0
     _stage(f"{steps} timed steps done in {fit_s:.2f} s")
     mine = {"rank": rank, "fit_s": fit_s, "step_s": timer.step_s, "steps": timer.steps, "warmup_step_s": warm_step_s,
-            "threads": threads, "affinity": sorted(os.sched_getaffinity(0)), "pid": os.getpid()}
+            "threads": threads, "affinity": sorted(os.sched_getaffinity(0)), "pid": os.getpid(), "in_effect": effect}
     ranks = rt.hvd_tf.allgather_object(mine) if hvd is not None else [mine]
     if rank != 0:
         return None
@@ -90,12 +95,55 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int) -> dict | 
     images = sum(r["steps"] for r in ranks) * split.per_process
     fpi = flops_per_image(model)
     keep = ("itex", "onednn_enabled", "horovod_controller", "mixed_precision_policy", "itex_auto_mixed_precision",
-            "intra_op_threads")
+            "intra_op_threads", "in_effect")
     return {"images_per_s": images / slowest, "fit_s": slowest, "images": images, "world": world,
             "batch_size": split.per_process, "ranks": sorted(ranks, key=lambda r: r["rank"]),
             "environment": {k: environment.get(k) for k in keep},
             "model": {"description": describe_layers(ns.model.layers), "parameters": int(model.count_params()),
                       "flops_per_image": fpi, "train_flops_per_image": 3 * fpi}}
+
+
+def in_effect(itex: dict, world: int, tensorflow_loaded_before_prepare: bool = False) -> dict:
+    """What this process really runs with, asked of TensorFlow itself rather than of the variables
+    that requested it (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, as it loads; the Python binding's
+    IsMklEnabled, runtime.onednn_enabled, keeps a copy of its own that reads the variable at its first
+    call, so it reports a later change that never took effect): the ops TensorFlow executes for a
+    small convolution and matmul. oneDNN on: they
+    become _Mkl ops. ITEX in effect: _ITEX ops. ITEX auto mixed precision: some run in bfloat16.
+    Threads and the Keras policy as TensorFlow's config reports them. Call once ITEX is loaded and
+    the thread pools are sized."""
+    rewritten = _executed_ops(grappler=True)
+    # ITEX's graph optimizer (a grappler plugin) turns Conv2D and MatMul into its own ops before
+    # TensorFlow's oneDNN rewrite (a pass after partitioning) sees them: that needs grappler off.
+    plain = _executed_ops(grappler=False)
+    return {"onednn": any(op.startswith("_Mkl") for op, _ in plain),
+            "itex": any(op.startswith("_ITEX") for op, _ in rewritten),
+            "itex_loaded": bool(itex["loaded"]),
+            "itex_auto_mixed_precision": any(dtype == "bfloat16" for _, dtype in rewritten),
+            "mixed_precision_policy": tf.keras.mixed_precision.global_policy().name,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "world": world,
+            "tensorflow_loaded_before_prepare": tensorflow_loaded_before_prepare}
+
+
+def _executed_ops(grappler: bool) -> set[tuple[str, str]]:
+    """(op, its T dtype or "") of each node TensorFlow executes for relu(conv2d) then matmul, after
+    its rewrites; grappler=False leaves grappler, and the plugins' optimizers with it, out."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, (2, 8, 8, 3))   # fed: a constant would be folded away
+        features = tf.nn.relu(tf.nn.conv2d(images, tf.ones((3, 3, 3, 4)), 1, "SAME"))
+        logits = tf.matmul(tf.reshape(features, (2, -1)), tf.ones((8 * 8 * 4, 3)))
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
+    config.graph_options.rewrite_options.disable_meta_optimizer = not grappler
+    metadata = tf.compat.v1.RunMetadata()
+    with tf.compat.v1.Session(graph=graph, config=config) as session:
+        session.run(logits, {images: [[[[1.0] * 3] * 8] * 8] * 2},
+                    options=tf.compat.v1.RunOptions(output_partition_graphs=True), run_metadata=metadata)
+    return {(node.op, tf.dtypes.as_dtype(node.attr["T"].type).name if "T" in node.attr else "")
+            for partition in metadata.partition_graphs for node in partition.node}
 
 
 def peak(ns: Any, n: int, calls: int, rounds: int = 3) -> dict:

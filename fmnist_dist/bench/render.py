@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..tables import table
+from .stats import NOT_AS_NAMED
 
 
 def _f(x, fmt: str = "{:.0f}", none: str = "—") -> str:
@@ -54,12 +55,30 @@ def text_table(result: dict) -> str:
                      f"{_f(v['median']):>9s} {_f(v['spread'], '{:.0%}'):>7s} {_f(v['vs_baseline'], '{:.2f}x'):>8s} "
                      f"{_f(v['gflops']):>8s} {_f(v['peak_fraction'], '{:.0%}'):>8s}")
     lines += [f"{v['name']:24s} skipped: {v['reason']}" for v in result.get("skipped", [])]
+    lines += [f"{la['variant']:24s} rep {la['rep']} not counted: {la['error']}" for la in _not_as_named(result)]
     if result["comparisons"]:
         lines += ["", f"{'comparison (same repetition, A/B)':40s} {'median':>7s} {'min':>6s} {'max':>6s}"]
         for c in result["comparisons"]:
             lines.append(f"{c['name']:40s} {_f(c['median'], '{:.2f}x'):>7s} {_f(c['min'], '{:.2f}'):>6s} "
                          f"{_f(c['max'], '{:.2f}'):>6s}")
     return "\n".join(lines)
+
+
+def _not_as_named(result: dict) -> list[dict]:
+    """The launches that did not run as their variant names (stats.count_if_ran_as_named)."""
+    return [la for la in result.get("launches", []) if la.get("ran_as_named") is False]
+
+
+def _itex_and_onednn(v: dict) -> tuple[str, str]:
+    """ITEX and oneDNN as the variant's counted launches had them (what TensorFlow executed; else
+    what ITEX's loader and the variable reported), or as named when none ran."""
+    env = v.get("environment") or {}
+    effect = env.get("in_effect")
+    if effect:
+        return ("on" if effect["itex"] else "off"), ("on" if effect["onednn"] else "off")
+    if env:
+        return ("on" if (env.get("itex") or {}).get("loaded") else "off"), ("on" if env.get("onednn_enabled") else "off")
+    return v["intel"].get("itex", "?"), ("on" if v["intel"].get("onednn") else "off")
 
 
 def markdown(result: dict) -> str:
@@ -72,15 +91,17 @@ def markdown(result: dict) -> str:
              ]
     rows = []
     for v in result["variants"]:
-        env = v.get("environment") or {}
-        itex = "on" if (env.get("itex") or {}).get("loaded") else ("off" if env else v["intel"].get("itex", "?"))
-        onednn = ("on" if env.get("onednn_enabled") else "off") if env else ("on" if v["intel"].get("onednn") else "off")
+        itex, onednn = _itex_and_onednn(v)
         rows.append([f"{v['title']} (`{v['name']}`)", f"{v['ranks']} x {v['threads_per_rank']}", v["precision"], itex,
                      onednn, _f(v["median"]), _f(v["spread"], "{:.0%}"), _f(v["vs_baseline"], "{:.2f}x"),
                      _f(v["gflops"]), f"{_f(v['peak_fraction'], '{:.0%}')} "
                      f"{v['peak_used'] if v['peak_fraction'] is not None else ''}".rstrip()])
     lines += table(["variant", "ranks x threads", "precision", "ITEX", "oneDNN", "images/s (median)", "spread",
                     "vs baseline", "GFLOP/s", "of peak"], rows, "md", left=5)
+    if _not_as_named(result):
+        lines += ["", "Not counted, as they did not run as named: " + "; ".join(
+            f"rep {la['rep']} `{la['variant']}` ({la['error'].removeprefix(NOT_AS_NAMED)})"
+            for la in _not_as_named(result)) + "."]
     if result.get("skipped"):
         lines += ["", "Skipped on this CPU: " + "; ".join(f"`{v['name']}` ({v['reason']})" for v in result["skipped"]) + "."]
     if result["comparisons"]:

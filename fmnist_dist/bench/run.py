@@ -14,7 +14,7 @@ import time
 from .. import config as config_mod
 from ..files import atomic_write, now_iso
 from .render import machine_line, markdown
-from .stats import compare, summarize_variants
+from .stats import compare, count_if_ran_as_named, summarize_variants
 from .variants import CURVE_IMAGES, FP32, VARIANTS, Variant, batch_curve_variants, curve_of, launch_command
 
 SCHEMA = "fmnist-dist/bench"
@@ -111,6 +111,7 @@ def launch_variant(v: Variant, base_yaml: str, settings: dict, rep: int, out: st
     r = launch.pop("result", None)
     if not launch["ok"]:
         r = None
+    r = count_if_ran_as_named(v, launch, r)   # a launch that did not run as named is an error, not its figure
     if r is not None:
         launch["images_per_s"] = r["images_per_s"]
         launch["ranks"] = [{k: x[k] for k in ("rank", "threads", "affinity", "fit_s", "steps")} for x in r["ranks"]]

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import statistics
 
-from .variants import BASELINE, COMPARISONS, Variant, display_command
+from .variants import BASELINE, COMPARISONS, Variant, display_command, mismatches
+
+NOT_AS_NAMED = "did not run as named: "
 
 
 def stats(values: list) -> dict:
@@ -55,3 +57,21 @@ def compare(per_variant: dict) -> list[dict]:
 def _ratio_stats(ratios: list) -> dict:
     s = stats(ratios)
     return {"median": s["median"], "min": s["min"], "max": s["max"]}
+
+
+def count_if_ran_as_named(v: Variant, launch: dict, result: dict | None) -> dict | None:
+    """Judge a finished launch by what its worker found in effect: the launch records `in_effect`
+    (per rank) and `ran_as_named`; one that did not run as named becomes an error naming the
+    mismatch, and its figure (kept as uncounted_images_per_s) is not the variant's. Returns the
+    result to count, or None."""
+    if result is None:
+        return None
+    records = [r.get("in_effect") for r in result["ranks"]]
+    wrong = (["no record of what was in effect"] if None in records else mismatches(v, records))
+    launch["in_effect"] = records
+    launch["ran_as_named"] = not wrong
+    if not wrong:
+        return result
+    launch.update(ok=False, error=NOT_AS_NAMED + "; ".join(wrong),
+                  uncounted_images_per_s=result.get("images_per_s"))
+    return None

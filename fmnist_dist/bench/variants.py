@@ -140,3 +140,54 @@ def display_command(v: Variant) -> str:
     if cmd[0].endswith("horovodrun"):
         cmd[0] = "horovodrun"
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def precision_in_effect(record: dict) -> str:
+    """A worker's in-effect record (measure.in_effect) in intel.mixed_precision's words: fp32,
+    keras_bf16, itex_bf16 (or both bf16 routes, or an unexpected Keras policy's name)."""
+    keras = {"float32": None, "mixed_bfloat16": "keras_bf16"}.get(record["mixed_precision_policy"],
+                                                                  record["mixed_precision_policy"])
+    routes = [r for r in (keras, "itex_bf16" if record["itex_auto_mixed_precision"] else None) if r]
+    return " + ".join(routes) or "fp32"
+
+
+def mismatches(v: Variant, records: list[dict]) -> list[str]:
+    """How what a launch's processes ran with (one measure.in_effect record per rank) differs from
+    what the variant names: ranks, oneDNN, ITEX, precision and, where the variant gives them, intra-op
+    threads. [] when it ran as named. Only what the variant names is judged: a key it leaves to the
+    config is not its claim."""
+    found: dict[str, list[int]] = {}
+    if len(records) != v.ranks:
+        found[f"{len(records)} rank(s) reported, named {v.ranks}"] = []
+    for rank, record in enumerate(records):
+        for what in _record_mismatches(v, record):
+            found.setdefault(what, []).append(rank)
+    return [what + (f" (rank {', '.join(map(str, ranks))})" if ranks and v.ranks > 1 else "")
+            for what, ranks in found.items()]
+
+
+def _record_mismatches(v: Variant, record: dict) -> list[str]:
+    named, out = v.intel, []
+    if record["world"] != v.ranks:
+        out.append(f"a world of {record['world']} rank(s), named {v.ranks}")
+    if "onednn" in named and record["onednn"] != named["onednn"]:
+        out.append(f"oneDNN {_on_off(record['onednn'])}, named {_on_off(named['onednn'])}"
+                   + (" (TensorFlow was loaded before environment.prepare set TF_ENABLE_ONEDNN_OPTS)"
+                      if record.get("tensorflow_loaded_before_prepare") else ""))
+    if "itex" in named:
+        # auto names what intel.itex=auto decides on this node: the graph must agree with that decision.
+        itex_named = {"on": True, "off": False}.get(named["itex"], record["itex_loaded"])
+        if record["itex"] != itex_named:
+            out.append(f"ITEX {_on_off(record['itex'])} in the executed graph, named intel.itex={named['itex']}"
+                       + (f" (reported {'' if record['itex_loaded'] else 'not '}loaded)"
+                          if named["itex"] == "auto" else ""))
+    precision = precision_in_effect(record)
+    if named.get("mixed_precision", "auto") != "auto" and precision != named["mixed_precision"]:
+        out.append(f"precision {precision} in effect, named {named['mixed_precision']}")
+    if named.get("intra_op_threads") and record["intra_op_threads"] != named["intra_op_threads"]:
+        out.append(f"{record['intra_op_threads']} intra-op threads, named {named['intra_op_threads']}")
+    return out
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"

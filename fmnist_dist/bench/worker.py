@@ -17,6 +17,9 @@ def main(spec_path: str) -> int:
     if spec["mode"] == "layers":
         # One core, as each rank of the 2-rank default is bound by intel.bind=auto.
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    # Something that loaded TensorFlow already (a sitecustomize, an embedding script) makes prepare's
+    # oneDNN switch too late: noted, so that a mismatch names its cause.
+    tensorflow_loaded_before_prepare = "tensorflow" in sys.modules
     environment.prepare(ns)                  # threads, binding, oneDNN/ITEX switches: before TensorFlow
     from . import measure                    # imports TensorFlow
 
@@ -25,7 +28,8 @@ def main(spec_path: str) -> int:
     elif spec["mode"] == "layers":
         result = measure.layer_profile(ns, spec["batch"], spec["calls"])
     else:
-        result = measure.throughput(ns, spec["horovod"], spec["warmup_steps"], spec["steps"])
+        result = measure.throughput(ns, spec["horovod"], spec["warmup_steps"], spec["steps"],
+                                    tensorflow_loaded_before_prepare)
     if result is not None:
         with open(spec["result"], "w", encoding="utf-8") as f:
             json.dump(result, f)
