@@ -49,7 +49,7 @@ def scan_points(loaded: list[tuple[str, dict | None, str | None]]) -> list[dict]
 def render(points: list[dict], target: float, fmt: str = "text") -> str:
     """The accuracy-vs-global-batch table."""
     head = ["recipe", "optimizer", "lr scaling", "warm-up epochs", "global batch", "epochs", "seeds",
-            "test acc mean", "± sd", "min–max", f"epochs to {target:.0%} val"]
+            "test acc mean", "± sd", "min–max", f"epochs to {target:.1%} val"]
     rows = []
     for p in points:
         s = basis.point_summary(p, target)
