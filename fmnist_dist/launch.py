@@ -15,9 +15,15 @@ The job scripts (jobs/train.pbs, jobs/train.slurm) only activate the environment
   (host:slots) or, under Slurm, srun --mpi=pmix when this Slurm has the PMIx plugin;
 * checks before anything starts: the Python runs and imports horovod.tensorflow, the launcher is on
   PATH, the node file is readable, the config is valid;
-* under PBS, a train.time_limit shortly before the job's walltime (PBS_WALLTIME), so that the
-  training checkpoints and exits 75 by itself instead of being killed (PBS gives SIGTERM only
-  seconds before SIGKILL); Slurm warns the job with --signal instead.
+* under PBS (Torque, PBS Professional, OpenPBS), what the job asked for, from `qstat -f $PBS_JOBID`
+  (Torque's PBS_* variables where qstat does not answer): a train.time_limit shortly before the
+  walltime, so that the training checkpoints and exits 75 by itself instead of being killed (PBS
+  gives SIGTERM only kill_delay seconds, 10 by default, before SIGKILL; Slurm warns the job with
+  --signal instead), the cores of a chunk (ompthreads, NCPUS), and the qsub command that continues
+  the run with the same request (RESUBMIT);
+* under PBS, mpirun started with SIGTERM blocked (SHIELD): PBS signals every process of the job's
+  session at once, and Open MPI's mpirun answers SIGTERM by killing the ranks within two seconds, before
+  they can checkpoint. The ranks (mpirun unblocks signals in them) take the SIGTERM as a stop request.
 
 A failed check prints one line, `fmnist-dist: error: ...`, and exits 2, so the job fails visibly.
 Extra arguments for mpirun (e.g. the network to use) come from FMNIST_MPI_ARGS, split like a shell.
@@ -39,6 +45,19 @@ from .reporting.report import report_status
 
 WALLTIME_MARGIN = 120   # seconds before a PBS walltime at which training stops (like Slurm's --signal=B:USR1@120)
 MPI_ARGS_VAR = "FMNIST_MPI_ARGS"
+QSTAT_TIMEOUT = 30      # seconds for `qstat -f` (a busy PBS server answers in well under that)
+# Resource_List entries a PBS Pro server derives from the select statement, or that belong in a chunk:
+# asked for again beside select, qsub refuses them ("Cannot be used with select or place").
+CHUNK_RESOURCES = frozenset({"ncpus", "mem", "vmem", "ngpus", "naccelerators", "accelerator", "accelerator_model",
+                             "accelerator_memory", "mpiprocs", "ompthreads", "nodect", "nodes", "neednodes",
+                             "host", "vnode", "arch"})
+TORQUE_DERIVED = frozenset({"nodect", "neednodes"})     # Torque's Resource_List entries it computes itself
+# The job script's own variables a resubmission passes on (qsub -v), besides RUN_DIR, CONFIG, EXTRA, NP, LAUNCHER.
+RESUBMIT_VARS = ("VENV", "CONDA_ENV", MPI_ARGS_VAR)
+# Runs argv[1:] with SIGTERM blocked: a blocked signal stays blocked across exec (mpirun installs a
+# handler, which would undo SIG_IGN, but never unblocks it), and mpirun unblocks it in the ranks.
+SIGTERM_BLOCKED = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
 # Forwarded to every rank by mpirun (-x NAME forwards the current value; only names that are set).
 FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
                 "TF_CPP_MIN_LOG_LEVEL", "OMP_NUM_THREADS", "KMP_AFFINITY", "KMP_BLOCKTIME")
@@ -63,6 +82,17 @@ class Plan:
     command: list[str]
     preflight: list[str]                    # the same launch of `fmnist_dist preflight`, run first
     notes: list[str] = field(default_factory=list)
+    shield: list[str] = field(default_factory=list)   # runs the launch with SIGTERM blocked (PBS, mpirun)
+    resubmit: str = ""                      # PBS: the qsub command that continues this run
+
+
+@dataclass
+class PbsJob:
+    """What a PBS job asked for, besides its node file."""
+    attributes: dict[str, str]              # `qstat -f $PBS_JOBID`; {} where qstat did not answer
+    walltime: int | None                    # seconds
+    walltime_from: str                      # where the walltime was read, for the log
+    request: list[str]                      # qsub options asking for the same: -A, -q, -l ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +225,163 @@ def local_cores() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# PBS: what the job asked for (PBS Professional / OpenPBS and Torque)
+
+
+def parse_qstat_full(text: str) -> dict[str, str]:
+    """`qstat -f JOBID` -> {attribute: value}. A long value goes on over lines that start with a tab."""
+    attributes: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("\t") and name:
+            attributes[name] += line[1:]
+            continue
+        key, sep, value = line.strip().partition(" = ")
+        name = key if sep else None
+        if name:
+            attributes[name] = value
+    return attributes
+
+
+def query_qstat(job_id: str, environ: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The job's attributes from `qstat -f JOBID`, or ({}, why not)."""
+    qstat = shutil.which("qstat", path=environ.get("PATH") or os.defpath)
+    if not qstat:
+        return {}, "qstat is not on PATH"
+    try:
+        proc = subprocess.run([qstat, "-f", job_id], env=dict(environ), capture_output=True, text=True,
+                              timeout=QSTAT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {}, f"qstat -f {job_id} failed: {e}"
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {}, f"qstat -f {job_id} exited with status {proc.returncode}" + (f": {lines[-1]}" if lines else "")
+    return parse_qstat_full(proc.stdout), None
+
+
+def parse_walltime(text: str) -> int | None:
+    """A PBS walltime in seconds: '01:00:00', '90:00', '3600', '1:00:00:00' (Torque's days); None if unreadable."""
+    parts = text.strip().split(":")
+    if len(parts) > 4 or not all(re.fullmatch(r"\d+(\.\d*)?", p) for p in parts):
+        return None
+    return int(sum(float(p) * unit for p, unit in zip(reversed(parts), (1, 60, 3600, 86400))))
+
+
+def hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def pbs_job(environ: dict[str, str], job_id: str | None, notes: list[str]) -> PbsJob:
+    """The job's request from `qstat -f` (both dialects answer it), else from Torque's variables."""
+    attributes, why_not = query_qstat(job_id, environ) if job_id else ({}, "PBS_JOBID is not set")
+    walltime, walltime_from = job_walltime(environ, attributes, job_id or "")
+    if walltime is None:
+        notes.append(f"no walltime known ({why_not or 'qstat -f shows no Resource_List.walltime'}): the "
+                     f"training is not stopped before it (give EXTRA=train.time_limit=SECONDS)")
+    return PbsJob(attributes, walltime, walltime_from, pbs_request(environ, attributes))
+
+
+def job_walltime(environ: dict[str, str], attributes: dict[str, str], job_id: str) -> tuple[int | None, str]:
+    """Torque puts the walltime in PBS_WALLTIME; PBS Professional and OpenPBS only in `qstat -f`."""
+    if environ.get("PBS_WALLTIME", "").strip().isdigit():
+        return int(environ["PBS_WALLTIME"]), f"PBS_WALLTIME={environ['PBS_WALLTIME'].strip()}"
+    value = attributes.get("Resource_List.walltime", "")
+    return (parse_walltime(value) if value else None), f"qstat -f {job_id}"
+
+
+def pbs_request(environ: dict[str, str], attributes: dict[str, str]) -> list[str]:
+    """qsub options asking again for what this job has: account, queue (PBS_O_QUEUE: the queue it was
+    submitted to, not the one a routing queue sent it on to) and resources."""
+    resources = {k.split(".", 1)[1]: v for k, v in attributes.items() if k.startswith("Resource_List.")}
+    options: list[str] = []
+    account = attributes.get("Account_Name") or environ.get("PBS_ACCOUNT")
+    if account:
+        options += ["-A", account]
+    if environ.get("PBS_O_QUEUE"):
+        options += ["-q", environ["PBS_O_QUEUE"]]
+    for name, value in requested_resources(resources or torque_resources(environ)).items():
+        options += ["-l", f"{name}={value}"]
+    return options
+
+
+def torque_resources(environ: dict[str, str]) -> dict[str, str]:
+    """Torque's variables as resources, where qstat did not answer (node properties are lost)."""
+    resources = {}
+    nodes, ppn = environ.get("PBS_NUM_NODES", ""), environ.get("PBS_NUM_PPN", "")
+    if nodes.isdigit() and ppn.isdigit():
+        resources["nodes"] = f"{nodes}:ppn={ppn}"
+    if environ.get("PBS_WALLTIME", "").strip().isdigit():
+        resources["walltime"] = hms(int(environ["PBS_WALLTIME"]))
+    return resources
+
+
+def requested_resources(resources: dict[str, str]) -> dict[str, str]:
+    """The Resource_List entries to ask for again, in qsub's order: select and place (PBS Pro: not the
+    job-wide sums the server derives from them) or nodes (Torque), walltime, then the rest (e.g. a
+    site's filesystems)."""
+    first, skip = (("select", "place", "walltime"), CHUNK_RESOURCES) if "select" in resources else \
+        (("nodes", "walltime"), TORQUE_DERIVED)
+    ordered = {name: resources[name] for name in first if name in resources}
+    ordered.update({k: v for k, v in sorted(resources.items()) if k not in skip and k not in ordered})
+    return ordered
+
+
+def first_chunk(select: str) -> dict[str, str]:
+    """'2:ncpus=4:mpiprocs=2+1:ncpus=2' -> {'ncpus': '4', 'mpiprocs': '2'} (the chunk count left out)."""
+    return dict(item.split("=", 1) for item in select.split("+", 1)[0].split(":") if "=" in item)
+
+
+def exec_host_cores(exec_host: str) -> dict[str, int]:
+    """PBS Pro's exec_host -> the ncpus the job has on each host: 'n1/0*2+n1/1*2+n2/0*4' -> {n1: 4, n2: 4}
+    (several chunks may share a host, e.g. select=4:ncpus=1 with place=pack)."""
+    cores: dict[str, int] = {}
+    for item in exec_host.split("+") if exec_host else []:
+        m = re.fullmatch(r"\s*([^/\s]+)/\d+(?:\*(\d+))?\s*", item)
+        if m:
+            cores[m.group(1)] = cores.get(m.group(1), 0) + int(m.group(2) or 1)
+    return cores
+
+
+def pbs_cores(environ: dict[str, str], job: PbsJob, ranks_per_node: int, notes: list[str]) -> int:
+    """The cores the job has on a node. PBS Pro: ompthreads per rank where the select statement gives
+    it, else the ncpus of its chunks on each host (qstat's exec_host; the fewest, for a binding that
+    fits every node), else NCPUS, which the mom sets to the first chunk's ncpus (as OMP_NUM_THREADS,
+    which each rank then replaces with its own thread count). Torque gives whole nodes (DevCloud):
+    this node's cores."""
+    select = job.attributes.get("Resource_List.select", "")
+    ompthreads = first_chunk(select).get("ompthreads", "")
+    if ompthreads.isdigit() and int(ompthreads) > 0:
+        notes.append(f"threads per rank from ompthreads={ompthreads} in the select statement")
+        return int(ompthreads) * ranks_per_node
+    per_host = exec_host_cores(job.attributes.get("exec_host", "")) if select else {}
+    if per_host:
+        notes.append(f"cores per node from exec_host = {job.attributes['exec_host']} (the chunks' ncpus)")
+        return min(per_host.values())
+    ncpus = environ.get("NCPUS", "").strip()
+    if ncpus.isdigit() and int(ncpus) > 0:
+        notes.append(f"cores per node from NCPUS={ncpus} (the chunk's ncpus)")
+        return int(ncpus)
+    return local_cores()
+
+
+def resubmit_command(request: list[str], run_dir: str, variables: dict[str, str]) -> str:
+    """The qsub command, typed from the project directory, that continues the run in run_dir with the
+    job's request and its variables."""
+    items = [("RUN_DIR", run_dir)] + [(k, v) for k, v in variables.items() if v]
+    return shlex.join(["qsub", *request]) + " -v " + ",".join(f"{k}={qsub_v_value(v)}" for k, v in items) + \
+        " jobs/train.pbs"
+
+
+def qsub_v_value(value: str) -> str:
+    """A value inside `qsub -v A=x,B=y`, shell-quoted: spaces and shell characters in double quotes, a
+    comma (qsub's separator) in single quotes inside them, as PBS reads it."""
+    if re.fullmatch(r"[\w@%+=:./-]+", value):
+        return value
+    inner = re.sub(r'(["\\$`])', r"\\\1", value)
+    return f"\"'{inner}'\"" if "," in value else f'"{inner}"'
+
+
+# ---------------------------------------------------------------------------------------------
 # Run directory, checks
 
 
@@ -280,12 +467,11 @@ def mpi_args(environ: dict[str, str]) -> list[str]:
         raise LaunchError(f"{MPI_ARGS_VAR}={text!r}: {e}") from None
 
 
-def walltime_limit(walltime: str) -> int | None:
-    """train.time_limit for a job of `walltime` seconds (PBS_WALLTIME; None if unset or unreadable):
+def walltime_limit(seconds: int | None) -> int | None:
+    """train.time_limit for a job of `seconds` of walltime (None if unknown or under 10 s):
     WALLTIME_MARGIN seconds before it, or a fifth of it for jobs under 10 minutes."""
-    if not walltime.strip().isdigit() or int(walltime) < 10:
+    if seconds is None or seconds < 10:
         return None
-    seconds = int(walltime)
     return seconds - (WALLTIME_MARGIN if seconds >= 600 else seconds // 5)
 
 
@@ -323,10 +509,15 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
     check_choices(scheduler, launcher)
     notes: list[str] = []
     hosts, job_id = allocation(scheduler, environ)
+    job = pbs_job(environ, job_id, notes) if scheduler == "pbs" else None
     placement = place(hosts, requested_ranks(scheduler, environ, np))
+    if job and sum(n for _, n in hosts) == 1:
+        notes.append("the job has one slot, so one rank: ask for more with qsub -l select=NODES:ncpus=CORES:"
+                     "mpiprocs=RANKS (PBS Professional, OpenPBS) or -l nodes=NODES:ppn=RANKS (Torque)")
     ranks_per_node = max(n for _, n in placement)
     if cores_per_node is None:
-        cores_per_node = node_cores(scheduler, environ, ranks_per_node)
+        cores_per_node = pbs_cores(environ, job, ranks_per_node, notes) if job else \
+            node_cores(scheduler, environ, ranks_per_node)
     threads = threads_per_rank(cores_per_node, ranks_per_node)
     bind = ranks_per_node <= cores_per_node
     if not bind:
@@ -334,8 +525,8 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
                      f"ranks are not bound to cores")
     workdir = os.path.abspath(workdir)
     run_dir, rerun = usable_run_dir(scheduler, job_id, workdir, run_dir, notes)
-    config = config if os.path.isabs(config) else os.path.join(workdir, config)
-    overrides = rank_overrides(scheduler, environ, config, extra, notes)
+    given_config, config = config, config if os.path.isabs(config) else os.path.join(workdir, config)
+    overrides = rank_overrides(config, extra, job, notes)
     if check:
         check_python(python)
     launcher = choose_launcher(scheduler, launcher, has_pmix, notes)
@@ -347,13 +538,16 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
     elif launcher == "horovodrun":
         prefix = horovodrun_prefix(placement, extra_mpi, check)
     else:
-        prefix = mpirun_prefix(ranks, threads, bind, hostfile, environ, extra_mpi, check)
+        prefix = mpirun_prefix(ranks, threads, bind, hostfile, environ, extra_mpi, check,
+                               quick_exit=scheduler == "pbs")
     plan = Plan(scheduler=scheduler, job_id=job_id or "", launcher=launcher, hosts=hosts,
                 placement=placement, ranks=ranks, ranks_per_node=ranks_per_node,
                 cores_per_node=cores_per_node, threads_per_rank=threads, bind=bind, run_dir=run_dir,
                 rerun=rerun, hostfile=hostfile, notes=notes,
                 command=prefix + rank_command(python, "train", config, overrides, run_dir),
                 preflight=prefix + rank_command(python, "preflight", config, overrides, run_dir))
+    if job:
+        add_pbs_stop(plan, job, python, job_variables(given_config, extra, np, launcher, environ))
     if write:
         write_files(plan)
     return plan
@@ -383,8 +577,8 @@ def requested_ranks(scheduler: str, environ: dict[str, str], np: int | None) -> 
 
 
 def node_cores(scheduler: str, environ: dict[str, str], ranks_per_node: int) -> int:
-    """Slurm reserves --cpus-per-task per rank; PBS gives whole nodes (DevCloud), whose size is this
-    node's (the nodes of one job are assumed alike)."""
+    """Slurm reserves --cpus-per-task per rank; otherwise this node's cores (the nodes of one job are
+    assumed alike; PBS: pbs_cores)."""
     cpus_per_task = environ.get("SLURM_CPUS_PER_TASK", "")
     if scheduler == "slurm" and cpus_per_task.isdigit():
         return int(cpus_per_task) * ranks_per_node
@@ -404,19 +598,38 @@ def usable_run_dir(scheduler: str, job_id: str | None, workdir: str, run_dir: st
     return run_dir, state == "rerun"
 
 
-def rank_overrides(scheduler: str, environ: dict[str, str], config: str, extra: str, notes: list[str]) -> list[str]:
+def rank_overrides(config: str, extra: str, job: PbsJob | None, notes: list[str]) -> list[str]:
     """EXTRA's --set items, checked against the config, and under PBS a time limit before the walltime."""
     overrides = split_extra(extra)
     try:
         cfg = config_mod.load(config, overrides)
     except ConfigError as e:
         raise LaunchError(str(e)) from None
-    limit = walltime_limit(environ.get("PBS_WALLTIME", "")) if scheduler == "pbs" else None
+    limit = walltime_limit(job.walltime) if job else None
     if limit is not None and cfg["train"]["time_limit"] is None:
         overrides = overrides + [f"train.time_limit={limit}"]
-        notes.append(f"train.time_limit={limit} s (PBS_WALLTIME={environ['PBS_WALLTIME']} s): the training "
-                     f"checkpoints and exits 75 before the walltime; a rerun resumes it")
+        notes.append(f"train.time_limit={limit} s (walltime {hms(job.walltime)} from {job.walltime_from}): the "
+                     f"training checkpoints and exits 75 before the walltime; a rerun resumes it")
     return overrides
+
+
+def job_variables(config: str, extra: str, np: int | None, launcher: str, environ: dict[str, str]) -> dict[str, str]:
+    """The job script's variables a resubmission passes on (those set, not the defaults)."""
+    variables = {"CONFIG": "" if config == config_mod.DEFAULT_CONFIG else config, "EXTRA": extra.strip(),
+                 "NP": "" if np is None else str(np), "LAUNCHER": "" if launcher in ("mpirun", "auto") else launcher}
+    return variables | {name: environ.get(name, "") for name in RESUBMIT_VARS}
+
+
+def add_pbs_stop(plan: Plan, job: PbsJob, python: str, variables: dict[str, str]) -> None:
+    """How a PBS job stops: mpirun shielded from the session-wide SIGTERM, and the command that continues."""
+    if plan.launcher == "mpirun":
+        plan.shield = [python, "-c", SIGTERM_BLOCKED]
+    else:
+        plan.notes.append("horovodrun starts mpirun through /bin/sh, which unblocks SIGTERM: on qdel, preemption "
+                          "or the walltime, mpirun ends the ranks before they checkpoint (train.time_limit still "
+                          "stops the run cleanly before the walltime); LAUNCHER=mpirun does not have this problem")
+    plan.resubmit = resubmit_command(job.request, plan.run_dir, variables)
+    plan.notes.append(f"if this job ends early, continue with: {plan.resubmit}")
 
 
 def choose_launcher(scheduler: str, launcher: str, has_pmix: Callable[[], bool], notes: list[str]) -> str:
@@ -448,12 +661,16 @@ def horovodrun_prefix(placement: list[tuple[str, int]], extra_mpi: list[str], ch
 
 
 def mpirun_prefix(ranks: int, threads: int, bind: bool, hostfile: str | None, environ: dict[str, str],
-                  extra_mpi: list[str], check: bool) -> list[str]:
+                  extra_mpi: list[str], check: bool, quick_exit: bool = False) -> list[str]:
     """Open MPI's mpirun: the hostfile under PBS (under Slurm it reads the allocation itself),
-    binding, and -x for the environment every rank needs."""
+    binding, and -x for the environment every rank needs. quick_exit (PBS, whose SIGKILL follows its
+    SIGTERM after kill_delay, 10 s by default): after a rank's exit 75, mpirun would spend twice
+    odls_base_sigkill_timeout (1 s) signalling ranks that are already gone before it exits."""
     if check:
         check_open_mpi(find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi"))
     prefix = ["mpirun", "-np", str(ranks)] + (["--hostfile", hostfile] if hostfile else [])
+    if quick_exit:
+        prefix += ["--mca", "odls_base_sigkill_timeout", "0"]
     if bind:
         prefix += ["--map-by", f"slot:PE={threads}", "--bind-to", "core"]
     else:
@@ -496,7 +713,9 @@ def describe(plan: Plan) -> list[str]:
 
 
 def shell_assignments(plan: Plan) -> str:
-    """What the job scripts eval: RUN_DIR and the LAUNCH array, shell-quoted."""
+    """What the job scripts eval: RUN_DIR, the PREFLIGHT, LAUNCH and SHIELD arrays and RESUBMIT, shell-quoted."""
     return (f"RUN_DIR={shlex.quote(plan.run_dir)}\n"
             f"PREFLIGHT=({' '.join(shlex.quote(a) for a in plan.preflight)})\n"
-            f"LAUNCH=({' '.join(shlex.quote(a) for a in plan.command)})\n")
+            f"LAUNCH=({' '.join(shlex.quote(a) for a in plan.command)})\n"
+            f"SHIELD=({' '.join(shlex.quote(a) for a in plan.shield)})\n"
+            f"RESUBMIT={shlex.quote(plan.resubmit)}\n")

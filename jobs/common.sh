@@ -21,11 +21,12 @@ activate_environment() {
   if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 }
 
-# RUN_DIR, PREFLIGHT and LAUNCH from `launch-plan` (all the decisions are made there).
+# RUN_DIR, PREFLIGHT, LAUNCH, SHIELD (what runs LAUNCH with SIGTERM blocked, under PBS) and
+# RESUBMIT (PBS: the qsub command that continues the run) from `launch-plan`, which decides everything.
 # $1: pbs or slurm; $2: the launcher when LAUNCHER is not set.
 plan_launch() {
   RUN_DIR=${RUN_DIR:-}
-  PREFLIGHT=() LAUNCH=()
+  PREFLIGHT=() LAUNCH=() SHIELD=() RESUBMIT=
   local plan
   plan=$(python -m fmnist_dist launch-plan --scheduler "$1" --format shell --config "${CONFIG:-configs/default.yaml}" \
          --extra "${EXTRA:-}" --np "${NP:-}" --launcher "${LAUNCHER:-$2}" --run-dir "$RUN_DIR") || exit $?
@@ -35,16 +36,21 @@ plan_launch() {
 # Every rank checks its node first, through the same launcher (seconds, no TensorFlow): a node that
 # would make the training fail (CPU, software, data, run directory) stops the job here.
 run_preflight() {
-  "${PREFLIGHT[@]}" || die $? "preflight failed (see the lines above): the training was not launched; run dir $RUN_DIR"
+  local status=0
+  "${PREFLIGHT[@]}" || status=$?
+  [ "$status" -eq 0 ] || [ "$stop_signal" != TERM ] || die 143 "SIGTERM during the preflight: the training was not launched; run dir $RUN_DIR"
+  [ "$status" -eq 0 ] || die "$status" "preflight failed (see the lines above): the training was not launched; run dir $RUN_DIR"
 }
 
 # The launcher runs in the background so that signals are handled while it runs (bash runs traps
 # only between commands). A stop request (stop_signal, set by the script's traps) is passed on as
 # SIGUSR1 once the ranks have had 10 s to install their handlers, and again every 60 s while the
-# launcher runs (in case it was lost). Sets rc to the launcher's exit status.
+# launcher runs (in case it was lost). Under PBS, SHIELD starts mpirun with SIGTERM blocked: PBS
+# signals the whole session at once, the ranks stop on their own SIGTERM, and mpirun must not kill
+# them first. Sets rc to the launcher's exit status.
 launch_and_wait() {
   [ "$stop_signal" != TERM ] || die 143 "SIGTERM before the launch; nothing started in $RUN_DIR"
-  "${LAUNCH[@]}" &
+  ${SHIELD[@]+"${SHIELD[@]}"} "${LAUNCH[@]}" &
   local pid=$! launched=$SECONDS forwarded=-60
   while kill -0 "$pid" 2>/dev/null; do
     if [ -n "$stop_signal" ] && [ $((SECONDS - launched)) -ge 10 ] && [ $((SECONDS - forwarded)) -ge 60 ]; then
@@ -52,7 +58,7 @@ launch_and_wait() {
       if [ "$(ps -o comm= -p "$pid")" = sh ]; then pkill -USR1 -P "$pid"; else kill -USR1 "$pid"; fi 2>/dev/null
       forwarded=$SECONDS
     fi
-    sleep 1
+    sleep 0.2   # not 1: under PBS the job's SIGKILL follows its SIGTERM after 10 s
   done
   rc=0
   wait "$pid" || rc=$?

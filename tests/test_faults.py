@@ -768,7 +768,8 @@ def test_pbs_job_stopped_by_sigterm_and_rerun(baseline, tmp_path):
         assert f"--set train.time_limit={3600 - 120}" in job_log_line(job.stderr, "  launch  ")   # from PBS_WALLTIME
         assert "fmnist-dist: warning: SIGTERM from PBS (qdel, preemption or walltime)" in log
         assert last_line(job.stdout) == (f"fmnist-dist: preempted: checkpoint in {run_dir}; continue with: "
-                                         f"qsub -v RUN_DIR={run_dir},CONFIG={CONFIG},EXTRA=\"{extra}\" jobs/train.pbs")
+                                         f"qsub -q batch -l nodes=1:ppn=2 -l walltime=01:00:00 -v RUN_DIR={run_dir},"
+                                         f"CONFIG={CONFIG},EXTRA=\"{extra}\" jobs/train.pbs")
         assert "stop signal (SIGUSR1)" in load(run_dir)["stopped"]
         assert not processes_of(run_dir)
 

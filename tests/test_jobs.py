@@ -1,6 +1,7 @@
 """The job scripts with real components: the #PBS/#SBATCH headers, bash -n and shellcheck,
-jobs/train.pbs run the way PBS runs it (one node, then two network-namespace nodes over ssh), and
-jobs/train.slurm submitted with sbatch to a one-node Slurm cluster started for the test.
+jobs/train.pbs run the way PBS runs it (Torque's environment on one node, then two network-namespace
+nodes over ssh; PBS Professional / OpenPBS's qsub dialect, environment, qstat, qrerun and signals),
+and jobs/train.slurm submitted with sbatch to a one-node Slurm cluster started for the test.
 
 The real runs train 1 epoch of 100 steps on 2 ranks. In CI (CI=true) nothing here may skip."""
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +21,8 @@ import pytest
 from conftest import (ROOT, ROOT_MPI_ENV, SHORT_CONFIG, SHORT_EXTRA, last_line, need, short_host, unavailable,
                       wait_for)
 from nodes import NODES, in_node, two_nodes
-from pbs import pbs_job_env, unique_job_id, write_nodefile
+from pbs import (KILL_DELAY, OpenPBS, pbs_job_env, session_processes, signal_processes, unique_job_id,
+                 write_nodefile)
 from slurm import slurm_cluster
 
 PBS_SCRIPT = ROOT / "jobs" / "train.pbs"
@@ -52,11 +56,15 @@ def test_pbs_header_says_what_we_intend():
     opts = pbs_options(PBS_SCRIPT)
     assert opts["-N"] == ["fmnist-dist"]
     resources = dict(v.split("=", 1) for v in opts["-l"])
-    assert resources["nodes"] == "2:ppn=2"                       # no node property: runs anywhere
+    # Only the walltime: nodes, select or ncpus here would clash with the other dialect's request on
+    # the command line (PBS Pro: "qsub: Cannot be used with select or place: nodes").
+    assert set(resources) == {"walltime"}
     assert re.fullmatch(r"\d+:\d\d:\d\d", resources["walltime"])
     assert opts["-j"] == ["oe"] and opts["-r"] == ["y"]
     text = PBS_SCRIPT.read_text()
-    assert "#PBS -l nodes=2:xeon:ppn=2" in text                  # the DevCloud example ...
+    assert "qsub -l select=2:ncpus=2:mpiprocs=2 jobs/train.pbs" in text    # both dialects, as examples
+    assert "qsub -l nodes=2:ppn=2 jobs/train.pbs" in text
+    assert "nodes=2:xeon:ppn=2" in text                                   # DevCloud's property ...
     assert not any("xeon" in d for d in directives(PBS_SCRIPT, "#PBS"))  # ... only as a comment
 
 
@@ -186,6 +194,116 @@ def test_pbs_job_failing_launch(tmp_path):
     assert f"fmnist-dist: error: preflight: {host} (rank 1): Fashion-MNIST not found in {empty}" in log
     assert "epoch 1/" not in log and not (run_dir / "report.json").exists()
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# PBS Professional / OpenPBS: its qsub dialect, its mom's environment, qstat, qrerun and signals
+
+
+@pytest.fixture
+def openpbs(tmp_path) -> OpenPBS:
+    need("mpirun", root=False)
+    return OpenPBS(tmp_path / "openpbs", short_host(), ROOT, node_env=LOOPBACK_MPI)
+
+
+def newest_verified_checkpoint(run_dir: Path) -> dict:
+    """The newest checkpoint's state, verified file by file (SHA-256), and no half-written one left."""
+    from fmnist_dist.training import checkpoint      # TensorFlow: loaded only by the tests that need it
+
+    found = checkpoint.list_checkpoints(str(run_dir))
+    assert found, f"no checkpoint in {run_dir}"
+    left = sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*"))
+    assert not left, f"half-written checkpoints left: {left}"
+    return checkpoint.verify(found[-1])
+
+
+def stopped_by_qdel(openpbs: OpenPBS, job, log: Path) -> tuple[int, float, bool]:
+    """Run the job until its first checkpoint, then signal it as OpenPBS's qdel, walltime and
+    preemption do. The ranks are held (SIGSTOP) while the SIGTERM goes out, so that it lands
+    mid-training however slow this machine is. (exit status, seconds to the end, SIGKILL needed)."""
+    proc = openpbs.start(job, log)
+    try:
+        wait_for(lambda: proc.poll() is None and list((job.run_dir / "checkpoints").glob("examples-*")),
+                 RUN_TIMEOUT, f"the first checkpoint of job {job.job_id}\n{log.read_text()[-3000:]}")
+        ranks = [pid for pid in session_processes(proc.pid)
+                 if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:4] == [b"-m", b"fmnist_dist", b"train"]]
+        assert len(ranks) == 2, ranks
+        signal_processes(ranks, signal.SIGSTOP)
+        seconds, killed = openpbs.kill(proc.pid, frozen=ranks)
+        return proc.wait(30), seconds, killed
+    finally:
+        signal_processes(session_processes(proc.pid), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_openpbs_job_stopped_by_qdel_checkpoints_and_its_resubmission_resumes(openpbs, tmp_path):
+    """PBS Pro's dialect: -l select, the node file with one line per MPI process, NCPUS, the walltime
+    only in qstat -f. qdel: SIGTERM to every process of the job at once, SIGKILL 10 s later. The
+    ranks checkpoint within the 10 s and the report says "preempted"; the job prints the qsub command,
+    with the job's request, that continues the run; that command, submitted, resumes and completes it."""
+    host, extra = short_host(), f"{SHORT_EXTRA} checkpoint.every_steps=20"
+    job = openpbs.qsub(["qsub", "-l", "select=1:ncpus=2:mpiprocs=2", "-v", f"CONFIG={SHORT_CONFIG},EXTRA={extra}",
+                        "jobs/train.pbs"])
+    assert "PBS_WALLTIME" not in job.env and job.env["NCPUS"] == "2"
+    assert Path(job.env["PBS_NODEFILE"]).read_text() == f"{host}\n{host}\n"     # one line per mpiproc
+    log = tmp_path / f"fmnist-dist.o{job.job_id.split('.')[0]}"
+    resubmit = (f"qsub -q workq -l select=1:ncpus=2:mpiprocs=2 -l place=free -l walltime=01:00:00 -v RUN_DIR="
+                f"{job.run_dir},CONFIG={SHORT_CONFIG},EXTRA=\"{extra}\" jobs/train.pbs")
+    try:
+        rc, seconds, killed = stopped_by_qdel(openpbs, job, log)
+        text = log.read_text()
+        print(f"OpenPBS job ended {seconds:.1f} s after SIGTERM (kill_delay {KILL_DELAY} s, SIGKILL needed: {killed})")
+        assert "up to 2 per node, 1 thread(s) each (2 cores per node)" in text                # ncpus / mpiprocs
+        assert "--set train.time_limit=3480" in text.split("  launch  ", 1)[1].splitlines()[0]  # 01:00:00 from qstat
+        # Before the SIGKILL: the stop checkpoint, complete, and the report (mpirun did not end the ranks first).
+        report = read_report(job.run_dir, text)
+        assert report["status"] == "preempted" and "stop signal" in report["stopped"], text[-4000:]
+        newest_verified_checkpoint(job.run_dir)
+        assert "launch failed" not in text and "stopped by SIGTERM" not in text, text[-4000:]
+        assert f"note: if this job ends early, continue with: {resubmit}" in text      # said at the start
+        if not killed:      # the ranks' exit (TensorFlow's teardown) may outlast kill_delay on a busy machine
+            assert rc == 75, text[-4000:]
+            assert last_line(text) == f"fmnist-dist: preempted: checkpoint in {job.run_dir}; continue with: {resubmit}"
+
+        again = openpbs.qsub(shlex.split(resubmit))
+        assert again.run_dir == job.run_dir and again.job_id != job.job_id
+        proc = openpbs.start(again, tmp_path / "again.log")
+        assert proc.wait(RUN_TIMEOUT) == 0, (tmp_path / "again.log").read_text()[-4000:]
+        text = (tmp_path / "again.log").read_text()
+        assert last_line(text) == f"fmnist-dist: done: report in {job.run_dir}/report.md"
+        assert f"resuming from {job.run_dir}/checkpoints/examples-" in text
+        report = read_report(job.run_dir, text)
+        check_report(report, text, {host: [0, 1]})
+        assert [s["end"] for s in report["segments"]] == ["preempted", "completed"]
+    finally:
+        shutil.rmtree(job.run_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_openpbs_job_at_its_time_limit_when_qrerun_is_refused(openpbs, tmp_path):
+    """A plain qsub (the queue's default: one CPU) with a site's -A and -l filesystems: one rank. At
+    train.time_limit the run stops cleanly (exit 75); qrerun is refused to ordinary users, so the job
+    says so and prints the qsub command that continues with the same request."""
+    extra = f"{SHORT_EXTRA} train.time_limit=1"
+    job = openpbs.qsub(["qsub", "-A", "fmnist", "-l", "filesystems=home", "-v",
+                        f"CONFIG={SHORT_CONFIG},EXTRA={extra}", "jobs/train.pbs"])
+    log = tmp_path / "job.log"
+    try:
+        proc = openpbs.start(job, log)
+        rc = proc.wait(RUN_TIMEOUT)
+        text = log.read_text()
+        assert rc == 75, text[-4000:]
+        assert "note: the job has one slot, so one rank: ask for more with qsub -l select=" in text
+        assert "time limit of 1 s reached" in read_report(job.run_dir, text)["stopped"]
+        newest_verified_checkpoint(job.run_dir)
+        assert (f"fmnist-dist: warning: qrerun {job.job_id} was refused (qrerun: Unauthorized Request  "
+                f"{job.job_id}): on this server only operators and managers may rerun jobs") in text
+        assert last_line(text) == (f"fmnist-dist: preempted: checkpoint in {job.run_dir}; continue with: qsub "
+                                   f"-A fmnist -q workq -l select=1:ncpus=1 -l place=free -l walltime=01:00:00 "
+                                   f"-l filesystems=home -v RUN_DIR={job.run_dir},CONFIG={SHORT_CONFIG},"
+                                   f"EXTRA=\"{extra}\" jobs/train.pbs")
+    finally:
+        shutil.rmtree(job.run_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 command and the one-line failures of `fmnist-dist launch-plan`."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,8 @@ def test_pbs_plan_mpirun(workdir):
     p = plan("pbs", pbs_env(workdir, ["n1", "n1", "n2", "n2"]), workdir, extra="train.epochs=3 train.lr=0.002")
     run_dir = str(workdir / "runs" / "101.server")
     assert (p.ranks, p.ranks_per_node, p.threads_per_rank, p.run_dir) == (4, 2, 4, run_dir)
-    assert p.command[:12] == ["mpirun", "-np", "4", "--hostfile", f"{run_dir}/hostfile",
+    assert p.command[:15] == ["mpirun", "-np", "4", "--hostfile", f"{run_dir}/hostfile",
+                              "--mca", "odls_base_sigkill_timeout", "0",      # no 2 s teardown after an exit 75
                               "--map-by", "slot:PE=4", "--bind-to", "core", "--report-bindings", "-x", "PATH"]
     assert "-x VIRTUAL_ENV" in " ".join(p.command) and "-x HOROVOD_LOG_LEVEL" in " ".join(p.command)
     assert "UNRELATED" not in p.command
@@ -195,7 +197,7 @@ def test_pbs_plan_fewer_ranks_and_mpi_args(workdir):
     p = plan("pbs", env, workdir, np=3)
     assert p.placement == [("a", 2), ("b", 1)]
     assert (workdir / "runs" / "101.server" / "hostfile").read_text() == "a slots=2\nb slots=1\n"
-    i = p.command.index("--mca")
+    i = p.command.index("btl_tcp_if_include") - 1
     assert p.command[i:i + 3] == ["--mca", "btl_tcp_if_include", "10.0.0.0/24"]
     assert p.command[i + 3] == "/venv/bin/python"
     assert "FMNIST_MPI_ARGS" not in p.command          # read here, not forwarded to the ranks
@@ -246,6 +248,130 @@ def test_rerun_continues_an_unfinished_attempt_but_not_a_finished_run(workdir):
 def slurm_env(**extra):
     return {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)",
             "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "12", "PATH": "/usr/bin:/bin", **extra}
+
+
+# --- PBS Professional / OpenPBS and Torque: what the job asked for ------------------------------
+
+OPENPBS_QSTAT = """Job Id: 4242.pbs-server
+    Job_Name = fmnist-dist
+    Job_Owner = me@login1
+    job_state = R
+    queue = workq
+    Account_Name = climate
+    exec_host = n1/0*8+n2/0*8
+    exec_vnode = (n1:ncpus=8)+(n2:ncpus=8)
+    Resource_List.filesystems = home:eagle
+    Resource_List.mpiprocs = 4
+    Resource_List.ncpus = 16
+    Resource_List.nodect = 2
+    Resource_List.place = scatter
+    Resource_List.select = 2:ncpus=8:mpiprocs=2
+    Resource_List.walltime = 00:30:00
+    Submit_arguments = -A climate -q debug -l select=2:ncpus=8:mpiprocs=2 -l place=scatter -l filesyst
+\tems=home:eagle -l walltime=00:30:00 jobs/train.pbs
+    Variable_List = PBS_O_HOME=/home/me,PBS_O_LANG=C.UTF-8,PBS_O_LOGNAME=me,
+\tPBS_O_QUEUE=debug,PBS_O_WORKDIR=/home/me/fmnist-dist
+"""
+
+
+def fake_pbs_bin(tmp_path, qstat_output: str, status: int = 0) -> str:
+    """A directory holding a `qstat` that prints qstat_output (no PBS server can be installed here)."""
+    bin_dir = tmp_path / "pbs-bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "answer").write_text(qstat_output)
+    script = f'#!/bin/sh\n[ "$1" = -f ] || exit 2\ncat "$(dirname "$0")/answer" >&{2 if status else 1}\nexit {status}\n'
+    (bin_dir / "qstat").write_text(script)
+    (bin_dir / "qstat").chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_qstat_full_output_is_read_with_its_continuation_lines():
+    attributes = launch.parse_qstat_full(OPENPBS_QSTAT)
+    assert attributes["Resource_List.select"] == "2:ncpus=8:mpiprocs=2"
+    assert attributes["Submit_arguments"].endswith("-l filesystems=home:eagle -l walltime=00:30:00 jobs/train.pbs")
+    assert attributes["Variable_List"].endswith("PBS_O_LOGNAME=me,PBS_O_QUEUE=debug,PBS_O_WORKDIR=/home/me/fmnist-dist")
+    assert "Job Id: 4242.pbs-server" not in attributes and attributes["queue"] == "workq"
+
+
+@pytest.mark.parametrize("text, seconds", [("01:00:00", 3600), ("00:30:00", 1800), ("90:00", 5400), ("3600", 3600),
+                                           ("1:00:00:00", 86400), ("00:00:10.5", 10), ("1h", None), ("", None)])
+def test_walltime_as_pbs_writes_it(text, seconds):
+    assert launch.parse_walltime(text) == seconds
+
+
+def test_openpbs_plan_reads_its_request_from_qstat(workdir, tmp_path):
+    """PBS Pro: one node-file line per MPI process, NCPUS = the chunk's ncpus, no PBS_WALLTIME: the
+    walltime, account, resources come from qstat -f; the queue is the one submitted to."""
+    env = pbs_env(workdir, ["n1", "n1", "n2", "n2"], job_id="4242.pbs-server", NCPUS="8", OMP_NUM_THREADS="8",
+                  PBS_O_QUEUE="debug", PATH=fake_pbs_bin(tmp_path, OPENPBS_QSTAT))
+    p = plan("pbs", env, workdir, cores_per_node=None, extra="train.epochs=3 train.lr=0.002")
+    assert (p.ranks, p.ranks_per_node, p.cores_per_node, p.threads_per_rank) == (4, 2, 8, 4)
+    assert any("cores per node from exec_host = n1/0*8+n2/0*8" in n for n in p.notes)
+    assert "--map-by" in p.command and "slot:PE=4" in p.command
+    assert p.command[-2:] == ["--set", "train.time_limit=1680"]                 # 30 min - 120 s
+    assert any("walltime 00:30:00 from qstat -f 4242.pbs-server" in n for n in p.notes)
+    run_dir = workdir / "runs" / "4242.pbs-server"
+    assert p.resubmit == ("qsub -A climate -q debug -l select=2:ncpus=8:mpiprocs=2 -l place=scatter "
+                          "-l walltime=00:30:00 -l filesystems=home:eagle "
+                          f'-v RUN_DIR={run_dir},EXTRA="train.epochs=3 train.lr=0.002" jobs/train.pbs')
+    assert p.shield[1:] == ["-c", launch.SIGTERM_BLOCKED] and p.shield[0] == "/venv/bin/python"
+
+
+def test_openpbs_ompthreads_sets_the_threads_per_rank(workdir, tmp_path):
+    qstat = OPENPBS_QSTAT.replace("select = 2:ncpus=8:mpiprocs=2", "select = 2:ncpus=8:mpiprocs=2:ompthreads=3")
+    env = pbs_env(workdir, ["n1", "n1", "n2", "n2"], NCPUS="3", OMP_NUM_THREADS="3",
+                  PATH=fake_pbs_bin(tmp_path, qstat))
+    p = plan("pbs", env, workdir, cores_per_node=None)
+    assert (p.cores_per_node, p.threads_per_rank) == (6, 3)
+    assert any("ompthreads=3" in n for n in p.notes)
+
+
+def test_openpbs_chunks_sharing_a_node_add_up(workdir, tmp_path):
+    """select=4:ncpus=1 packed onto one node: NCPUS is one chunk's (1), the node holds 4 of them."""
+    qstat = OPENPBS_QSTAT.replace("select = 2:ncpus=8:mpiprocs=2", "select = 4:ncpus=1").replace(
+        "exec_host = n1/0*8+n2/0*8", "exec_host = n1/0*1+n1/1*1+n1/2*1+n1/3*1")
+    env = pbs_env(workdir, ["n1"] * 4, NCPUS="1", PATH=fake_pbs_bin(tmp_path, qstat))
+    p = plan("pbs", env, workdir, cores_per_node=None)
+    assert (p.ranks_per_node, p.cores_per_node, p.threads_per_rank, p.bind) == (4, 4, 1, True)
+    env = pbs_env(workdir, ["n1"] * 4, NCPUS="1")                       # qstat does not answer: NCPUS
+    p = plan("pbs", env, workdir, cores_per_node=None)
+    assert (p.cores_per_node, p.bind) == (1, False) and any("cores per node from NCPUS=1" in n for n in p.notes)
+
+
+def test_torque_plan_without_qstat_asks_again_from_its_variables(workdir):
+    env = pbs_env(workdir, ["a", "a"], PBS_WALLTIME="3600", PBS_NUM_NODES="1", PBS_NUM_PPN="2", PBS_O_QUEUE="batch")
+    p = plan("pbs", env, workdir, extra="train.epochs=1", np=1, launcher="horovodrun")
+    assert p.command[-2:] == ["--set", "train.time_limit=3480"]
+    assert any("walltime 01:00:00 from PBS_WALLTIME=3600" in n for n in p.notes)
+    assert p.resubmit == (f"qsub -q batch -l nodes=1:ppn=2 -l walltime=01:00:00 -v RUN_DIR={workdir}/runs/101.server,"
+                          f'EXTRA=train.epochs=1,NP=1,LAUNCHER=horovodrun jobs/train.pbs')
+    assert p.shield == [] and any("horovodrun starts mpirun through /bin/sh" in n for n in p.notes)
+
+
+def test_pbs_plan_when_qstat_does_not_answer(workdir, tmp_path):
+    env = pbs_env(workdir, ["a"], PATH=fake_pbs_bin(tmp_path, "qstat: Unknown Job Id 101.server", status=1))
+    p = plan("pbs", env, workdir)
+    assert not any("time_limit" in a for a in p.command)
+    assert any(n.startswith("no walltime known (qstat -f 101.server exited with status 1: qstat: Unknown Job Id "
+                            "101.server): the training is not stopped before it") for n in p.notes)
+    assert any(n.startswith("the job has one slot, so one rank: ask for more with qsub -l select=") for n in p.notes)
+    assert p.resubmit == f"qsub -v RUN_DIR={workdir}/runs/101.server jobs/train.pbs"
+
+
+def test_the_resubmission_passes_its_variables_through_the_shell_and_qsub(workdir):
+    """What bash hands qsub from the printed command, and qsub -v's split at commas outside quotes,
+    give back every value: spaces, quotes, $, and a comma."""
+    env = pbs_env(workdir, ["a"], PBS_O_QUEUE="q", VENV="/opt/my env", FMNIST_MPI_ARGS="--mca btl ^openib,self")
+    p = plan("pbs", env, workdir, extra='train.lr=1e-3 data.dir="/data/x $HOME"', run_dir="runs/it's here")
+    shell = subprocess.run(["bash", "-c", 'eval "set -- $RESUBMIT"; printf "%s\\0" "$@"'],
+                           env={"RESUBMIT": p.resubmit}, capture_output=True, text=True, check=True)
+    argv = shell.stdout.split("\0")[:-1]
+    assert argv[:3] == ["qsub", "-q", "q"] and argv[3] == "-v" and argv[-1] == "jobs/train.pbs"
+    # qsub -v: comma-separated NAME=value, a value holding commas in quotes
+    items = re.findall(r"(\w+)=('[^']*'|[^,]*)", argv[4])
+    assert {k: v.strip("'") for k, v in items} == {
+        "RUN_DIR": str(workdir / "runs" / "it's here"), "EXTRA": 'train.lr=1e-3 data.dir="/data/x $HOME"',
+        "VENV": "/opt/my env", "FMNIST_MPI_ARGS": "--mca btl ^openib,self"}
 
 
 def test_slurm_plan_srun_when_pmix(workdir):
@@ -337,6 +463,7 @@ def test_cli_shell_format(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"RUN_DIR={tmp_path}/runs/9.srv\nPREFLIGHT=(mpirun -np 2 --hostfile ")
     assert "\nLAUNCH=(mpirun -np 2 --hostfile " in proc.stdout
+    assert "\nSHIELD=(" in proc.stdout and "\nRESUBMIT='qsub -v RUN_DIR=" in proc.stdout
     assert "fmnist-dist launch-plan: pbs job 9.srv: slots vm:2" in proc.stderr
     proc = cli("--scheduler", "pbs", "--format", "json", "--workdir", str(tmp_path), "--no-check",
                "--config", str(ROOT / "configs" / "default.yaml"), "--run-dir", "elsewhere",
