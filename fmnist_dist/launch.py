@@ -11,10 +11,13 @@ The job scripts (jobs/train.pbs, jobs/train.slurm) only activate the environment
 * threads per rank: the cores of a node divided by the ranks on it (the rule the training process
   applies itself, see environment.threads_for_rank), enforced by binding each rank to that many cores;
 * the run directory: runs/$PBS_JOBID or runs/$SLURM_JOB_ID (a rerun of an interrupted job reuses it);
-* the command: mpirun (hostfile, mapping and binding, -x for the environment), horovodrun
-  (host:slots) or, under Slurm, srun --mpi=pmix when this Slurm has the PMIx plugin;
+* the command, in the dialect of the MPI Horovod was built against (mpi.py): Open MPI's mpirun
+  (hostfile, mapping and binding, -x for the environment), the Hydra mpirun of MPICH and Intel MPI
+  (machinefile, -bind-to or Intel's pinning; Hydra passes the whole environment), horovodrun
+  (host:slots) or, under Slurm, srun with the PMI the MPI speaks (Open MPI: pmix; MPICH, Intel MPI:
+  pmi2) when this Slurm has that plugin;
 * checks before anything starts: the Python runs and imports horovod.tensorflow, the launcher is on
-  PATH, the node file is readable, the config is valid;
+  PATH and belongs to the MPI Horovod was built against, the node file is readable, the config is valid;
 * under PBS (Torque, PBS Professional, OpenPBS), what the job asked for, from `qstat -f $PBS_JOBID`
   (Torque's PBS_* variables where qstat does not answer): a train.time_limit shortly before the
   walltime, so that the training checkpoints and exits 75 by itself instead of being killed (PBS
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import config as config_mod
-from . import environment
+from . import environment, mpi
 from .errors import ConfigError, LaunchError
 from .reporting.report import report_status
 
@@ -82,6 +85,7 @@ class Plan:
     command: list[str]
     preflight: list[str]                    # the same launch of `fmnist_dist preflight`, run first
     notes: list[str] = field(default_factory=list)
+    mpi: str = "openmpi"                    # the MPI family the command line is written for (mpi.py)
     shield: list[str] = field(default_factory=list)   # runs the launch with SIGTERM blocked (PBS, mpirun)
     resubmit: str = ""                      # PBS: the qsub command that continues this run
 
@@ -401,14 +405,15 @@ def run_dir_state(run_dir: str) -> str:
     return "new" if status is None else ("completed" if status == "completed" else "rerun")
 
 
-def check_python(python: str) -> None:
+def check_python(python: str) -> str:
+    """That `python` imports horovod.tensorflow; returns where its horovod package is."""
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise LaunchError(f"the Python to launch, {python}, does not exist or is not executable "
                           f"(activate the environment first: bash scripts/setup.sh makes .venv)")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     try:
-        proc = subprocess.run([python, "-c", "import horovod.tensorflow"], env=env, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run([python, "-c", "import horovod.tensorflow, horovod; print(horovod.__path__[0])"],
+                              env=env, capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired:
         raise LaunchError(f"{python} -c 'import horovod.tensorflow' did not finish in 300 s") from None
     if proc.returncode != 0:
@@ -416,6 +421,7 @@ def check_python(python: str) -> None:
         why = lines[-1].strip() if lines else f"exit status {proc.returncode}"
         raise LaunchError(f"{python} cannot import horovod.tensorflow ({why}); re-run bash scripts/setup.sh "
                           f"or activate the right environment")
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def find_program(name: str, why: str) -> str:
@@ -425,32 +431,24 @@ def find_program(name: str, why: str) -> str:
     return path
 
 
-def check_open_mpi(mpirun: str) -> None:
-    """The mpirun command line built here is Open MPI's (the MPI Horovod is built against by
-    scripts/setup.sh); Intel MPI's or MPICH's mpirun would misread it."""
-    try:
-        proc = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=60)
-        version = (proc.stdout + proc.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise LaunchError(f"{mpirun} --version failed: {e}") from None
-    if "Open MPI" not in version and "OpenRTE" not in version:
-        first = version.splitlines()[0] if version else "no version output"
-        raise LaunchError(f"{mpirun} is not Open MPI ({first}): use LAUNCHER=horovodrun, which knows "
-                          f"other MPIs' options, or put Open MPI's mpirun first on PATH")
-
-
-def srun_has_pmix(srun: str = "srun") -> bool:
-    """Whether this Slurm offers `--mpi=pmix` (Debian's Open MPI 4.1 is built --with-pmix)."""
+def srun_mpi_plugins(srun: str = "srun") -> set[str]:
+    """The PMI plugins this Slurm's srun offers (`srun --mpi=list`): pmix, pmi2, ..."""
     try:
         proc = subprocess.run([srun, "--mpi=list"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0 and mpi_list_has_pmix(proc.stdout + proc.stderr)
+        return set()
+    return mpi_plugins(proc.stdout + proc.stderr) if proc.returncode == 0 else set()
 
 
-def mpi_list_has_pmix(text: str) -> bool:
+def mpi_plugins(text: str) -> set[str]:
     # Slurm 22.05: "MPI plugin types are...\n\tnone\n\tpmi2\n\tpmix\n..."; 23.x: "srun: pmix" lines.
-    return any(re.fullmatch(r"(srun:\s*)?pmix(_v\d+)?", line.strip()) for line in text.splitlines())
+    found = (re.fullmatch(r"(?:srun:\s*)?(pmix|pmi2)(?:_v\d+)?", line.strip()) for line in text.splitlines())
+    return {m.group(1) for m in found if m}
+
+
+# What srun must offer for each MPI: Open MPI 4 starts its ranks through PMIx; MPICH and Intel MPI
+# through PMI-2 (Intel MPI then loads Slurm's libpmi2, named by I_MPI_PMI_LIBRARY).
+SRUN_PMI = {"openmpi": "pmix", "mpich": "pmi2", "intel": "pmi2"}
 
 
 def forwarded_env(environ: dict[str, str]) -> list[str]:
@@ -503,9 +501,10 @@ def split_extra(extra: str) -> list[str]:
 def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: str, config: str,
               extra: str = "", np: int | None = None, launcher: str = "auto", run_dir: str | None = None,
               cores_per_node: int | None = None, check: bool = True, write: bool = True,
-              has_pmix: Callable[[], bool] = srun_has_pmix) -> Plan:
+              srun_plugins: Callable[[], set[str]] = srun_mpi_plugins, mpi_family: str | None = None) -> Plan:
     """Everything the job script needs, or a LaunchError naming the first problem found. The steps
-    run, and add their notes, in the order the job log prints them."""
+    run, and add their notes, in the order the job log prints them. The launch line is written for
+    the MPI Horovod was built against (without check: mpi_family, else Open MPI)."""
     check_choices(scheduler, launcher)
     notes: list[str] = []
     hosts, job_id = allocation(scheduler, environ)
@@ -527,23 +526,25 @@ def make_plan(scheduler: str, environ: dict[str, str], *, workdir: str, python: 
     run_dir, rerun = usable_run_dir(scheduler, job_id, workdir, run_dir, notes)
     given_config, config = config, config if os.path.isabs(config) else os.path.join(workdir, config)
     overrides = rank_overrides(config, extra, job, notes)
-    if check:
-        check_python(python)
-    launcher = choose_launcher(scheduler, launcher, has_pmix, notes)
+    build = mpi.horovod_build(check_python(python)) if check else None
+    family = mpi_family or (build.family if build else None) or "openmpi"
+    launcher = choose_launcher(scheduler, launcher, family, srun_plugins, notes)
     extra_mpi = mpi_args(environ)
     ranks = sum(n for _, n in placement)
     hostfile = os.path.join(run_dir, "hostfile") if launcher == "mpirun" and scheduler == "pbs" else None
     if launcher == "srun":
-        prefix = srun_prefix(ranks, threads, extra_mpi, check, notes)
+        prefix = srun_prefix(ranks, threads, family, environ, extra_mpi, check, notes)
     elif launcher == "horovodrun":
         prefix = horovodrun_prefix(placement, extra_mpi, check)
     else:
-        prefix = mpirun_prefix(ranks, threads, bind, hostfile, environ, extra_mpi, check,
-                               quick_exit=scheduler == "pbs")
+        if check:
+            mpi.check_match(build, mpi.launcher(find_program("mpirun", f"{mpi.NAMES[family]}'s launcher")))
+        prefix = hydra_prefix(ranks, threads, bind, hostfile, family, extra_mpi) if family in mpi.HYDRA else \
+            mpirun_prefix(ranks, threads, bind, hostfile, environ, extra_mpi, quick_exit=scheduler == "pbs")
     plan = Plan(scheduler=scheduler, job_id=job_id or "", launcher=launcher, hosts=hosts,
                 placement=placement, ranks=ranks, ranks_per_node=ranks_per_node,
                 cores_per_node=cores_per_node, threads_per_rank=threads, bind=bind, run_dir=run_dir,
-                rerun=rerun, hostfile=hostfile, notes=notes,
+                rerun=rerun, hostfile=hostfile, notes=notes, mpi=family,
                 command=prefix + rank_command(python, "train", config, overrides, run_dir),
                 preflight=prefix + rank_command(python, "preflight", config, overrides, run_dir))
     if job:
@@ -632,23 +633,46 @@ def add_pbs_stop(plan: Plan, job: PbsJob, python: str, variables: dict[str, str]
     plan.notes.append(f"if this job ends early, continue with: {plan.resubmit}")
 
 
-def choose_launcher(scheduler: str, launcher: str, has_pmix: Callable[[], bool], notes: list[str]) -> str:
-    """LAUNCHER=auto: srun where Slurm offers PMIx, else mpirun."""
+def choose_launcher(scheduler: str, launcher: str, family: str, srun_plugins: Callable[[], set[str]],
+                    notes: list[str]) -> str:
+    """LAUNCHER=auto: srun where Slurm offers the PMI this MPI speaks, else mpirun."""
     if launcher != "auto":
         return launcher
-    if scheduler == "slurm" and launcher_ok("srun") and has_pmix():
+    if scheduler != "slurm":
+        return "mpirun"
+    pmi = SRUN_PMI[family]
+    if not launcher_ok("srun") or pmi not in srun_plugins():
+        notes.append(f"srun --mpi={pmi} (what {mpi.NAMES[family]} needs) is not available here: using mpirun "
+                     f"inside the allocation")
+    elif family == "intel" and not slurm_pmi2_library():
+        notes.append("Slurm's PMI-2 library (libpmi2.so, which Intel MPI loads under srun) is not installed: "
+                     "using mpirun inside the allocation")
+    else:
         return "srun"
-    if scheduler == "slurm":
-        notes.append("srun --mpi=pmix is not available here: using mpirun inside the allocation")
     return "mpirun"
 
 
-def srun_prefix(ranks: int, threads: int, extra_mpi: list[str], check: bool, notes: list[str]) -> list[str]:
+def slurm_pmi2_library() -> str | None:
+    """Slurm's libpmi2, for Intel MPI under srun (I_MPI_PMI_LIBRARY), from the loader's cache."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.findall(r"^\s*libpmi2\.so(?:\.\d+)*\s.*=>\s*(\S+)$", out, re.M)
+    return found[0] if found else None
+
+
+def srun_prefix(ranks: int, threads: int, family: str, environ: dict[str, str], extra_mpi: list[str],
+                check: bool, notes: list[str]) -> list[str]:
     if check:
         find_program("srun", "Slurm's launcher")
     if extra_mpi:
-        notes.append(f"{MPI_ARGS_VAR} is ignored by srun (set OMPI_MCA_* variables instead)")
-    return ["srun", "--mpi=pmix", f"--ntasks={ranks}", f"--cpus-per-task={threads}", "--kill-on-bad-exit=1"]
+        notes.append(f"{MPI_ARGS_VAR} is ignored by srun (set OMPI_MCA_*, MPIR_CVAR_* or I_MPI_* variables instead)")
+    prefix = ["srun", f"--mpi={SRUN_PMI[family]}", f"--ntasks={ranks}", f"--cpus-per-task={threads}",
+              "--kill-on-bad-exit=1"]
+    if family == "intel" and not environ.get("I_MPI_PMI_LIBRARY"):
+        prefix.append(f"--export=ALL,I_MPI_PMI_LIBRARY={slurm_pmi2_library() or 'libpmi2.so'}")
+    return prefix
 
 
 def horovodrun_prefix(placement: list[tuple[str, int]], extra_mpi: list[str], check: bool) -> list[str]:
@@ -661,13 +685,11 @@ def horovodrun_prefix(placement: list[tuple[str, int]], extra_mpi: list[str], ch
 
 
 def mpirun_prefix(ranks: int, threads: int, bind: bool, hostfile: str | None, environ: dict[str, str],
-                  extra_mpi: list[str], check: bool, quick_exit: bool = False) -> list[str]:
+                  extra_mpi: list[str], quick_exit: bool = False) -> list[str]:
     """Open MPI's mpirun: the hostfile under PBS (under Slurm it reads the allocation itself),
     binding, and -x for the environment every rank needs. quick_exit (PBS, whose SIGKILL follows its
     SIGTERM after kill_delay, 10 s by default): after a rank's exit 75, mpirun would spend twice
     odls_base_sigkill_timeout (1 s) signalling ranks that are already gone before it exits."""
-    if check:
-        check_open_mpi(find_program("mpirun", "Open MPI: apt-get install openmpi-bin, or module load openmpi"))
     prefix = ["mpirun", "-np", str(ranks)] + (["--hostfile", hostfile] if hostfile else [])
     if quick_exit:
         prefix += ["--mca", "odls_base_sigkill_timeout", "0"]
@@ -681,12 +703,28 @@ def mpirun_prefix(ranks: int, threads: int, bind: bool, hostfile: str | None, en
     return prefix + extra_mpi
 
 
+def hydra_prefix(ranks: int, threads: int, bind: bool, hostfile: str | None, family: str,
+                 extra_mpi: list[str]) -> list[str]:
+    """The Hydra mpirun of MPICH and Intel MPI: the machinefile under PBS (under Slurm Hydra reads the
+    allocation), binding (MPICH: -bind-to; Intel MPI pins by I_MPI_PIN_DOMAIN, `-bind-to` is not
+    its option). Hydra passes the whole environment to every rank; a PBS stop needs no quick exit:
+    Hydra exits as soon as its ranks have."""
+    prefix = ["mpirun", "-n", str(ranks)] + (["-machinefile", hostfile] if hostfile else [])
+    if family == "intel":
+        prefix += ["-genv", "I_MPI_PIN_DOMAIN", f"{threads}:compact"] if bind else ["-genv", "I_MPI_PIN", "0"]
+    elif bind:
+        prefix += ["-bind-to", f"core:{threads}"]
+    return prefix + extra_mpi
+
+
 def launcher_ok(name: str) -> bool:
     return shutil.which(name) is not None
 
 
-def hostfile_text(placement: list[tuple[str, int]]) -> str:
-    """Open MPI hostfile: exactly the slots this job uses on each host."""
+def hostfile_text(placement: list[tuple[str, int]], family: str = "openmpi") -> str:
+    """Exactly the slots this job uses on each host: an Open MPI hostfile, or a Hydra machinefile."""
+    if family in mpi.HYDRA:
+        return "".join(f"{host}:{n}\n" for host, n in placement)
     return "".join(f"{host} slots={n}\n" for host, n in placement)
 
 
@@ -695,7 +733,7 @@ def write_files(plan: Plan) -> None:
         os.makedirs(plan.run_dir, exist_ok=True)
         if plan.hostfile:
             with open(plan.hostfile, "w") as f:
-                f.write(hostfile_text(plan.placement))
+                f.write(hostfile_text(plan.placement, plan.mpi))
     except OSError as e:
         raise LaunchError(f"cannot write the run directory {plan.run_dir}: {e.strerror or e}") from None
 
@@ -705,6 +743,7 @@ def describe(plan: Plan) -> list[str]:
     lines = [f"fmnist-dist launch-plan: {plan.scheduler} job {plan.job_id or '-'}: slots {alloc}",
              f"  ranks {plan.ranks} on {len(plan.placement)} node(s), up to {plan.ranks_per_node} per node, "
              f"{plan.threads_per_rank} thread(s) each ({plan.cores_per_node} cores per node)",
+             f"  mpi     {mpi.NAMES[plan.mpi]}",
              f"  run dir {plan.run_dir}",
              f"  check   {shlex.join(plan.preflight)}",
              f"  launch  {shlex.join(plan.command)}"]

@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 
-from . import cpu, lease, tables
+from . import cpu, lease, mpi, tables
 from .environment import itex_dir
-from .errors import RunDirError, SetupError
+from .errors import LaunchError, RunDirError, SetupError
 from .files import atomic_write, now_iso
 
 PREFLIGHT_FILE = "preflight.json"
@@ -180,10 +180,11 @@ def table(results: list[dict], offsets: list[float | None]) -> list[str]:
         run_dir = f"{rd['free_bytes'] / 2**30:.1f}G free" if rd["writable"] else "not writable"
         clock = "" if offsets[i] is None else f"{offsets[i] * 1000:+.1f}ms"
         rows.append([str(i), r["host"][:16], r["cpu_model"][:28], r["isa"][:14], str(r["cores"]), _ranges(r["affinity"]),
-                     v["python"], str(v["tensorflow"]), str(v["horovod"]), str(v["itex"]), data, run_dir, clock])
-    head = ["rank", "host", "cpu", "isa", "cores", "affinity", "python", "tensorflow", "horovod", "itex", "data",
-            "run dir", "clock"]
-    return tables.table(head, rows, left={1, 2, 3, 5, 6, 7, 8, 9, 10, 11})
+                     v["python"], str(v["tensorflow"]), str(v["horovod"]), v.get("mpi", "-"), str(v["itex"]), data,
+                     run_dir, clock])
+    head = ["rank", "host", "cpu", "isa", "cores", "affinity", "python", "tensorflow", "horovod", "mpi", "itex",
+            "data", "run dir", "clock"]
+    return tables.table(head, rows, left={1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12})
 
 
 def _ranges(cores: list[int]) -> str:
@@ -199,13 +200,11 @@ def _ranges(cores: list[int]) -> str:
 
 def run(cfg: dict, run_dir: str, keep_record: bool = True) -> int:
     """The preflight of this rank; rank 0 prints (and keeps the record). Returns the exit status."""
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise SetupError(f"the preflight needs mpi4py ({e}); pip install -r requirements.txt") from None
+    MPI = start_mpi(horovod_mpi(), os.environ)
     comm = MPI.COMM_WORLD
     t0 = time.perf_counter()
     mine = check_node(cfg, run_dir)
+    mine["versions"]["mpi"] = mpi.short_name(MPI.Get_library_version())
     results = comm.gather(mine, root=0)
     offsets = clock_offsets(comm)
     status = EXIT_FAILED
@@ -231,6 +230,38 @@ def run(cfg: dict, run_dir: str, keep_record: bool = True) -> int:
         if not problems:
             print("preflight: ok", flush=True)
     return comm.bcast(status, root=0)
+
+
+def horovod_mpi() -> mpi.Mpi | None:
+    """The MPI the importable Horovod was built against (found without importing it, or TensorFlow)."""
+    spec = importlib.util.find_spec("horovod")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return mpi.horovod_build(locations[0]) if locations else None
+
+
+def start_mpi(build: mpi.Mpi | None, environ: dict[str, str]):
+    """mpi4py on the MPI library Horovod links, after checking that this rank's launcher belongs to
+    that MPI (otherwise the ranks would each come up alone, as rank 0 of 1). Before MPI starts the
+    rank is not known: the launcher's rank variable decides who says it, so it is said once."""
+    try:
+        mpi.check_rank(build, environ)
+    except LaunchError:
+        if (environ.get("OMPI_COMM_WORLD_RANK") or environ.get("PMI_RANK") or "0") != "0":
+            raise SystemExit(EXIT_FAILED) from None
+        raise
+    if build and build.family:
+        environ.setdefault("MPI4PY_LIBMPI", build.where)   # which ABI mpi4py's wheel loads
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as e:
+        raise SetupError(f"the preflight needs mpi4py on {build.describe() if build else 'the MPI library'} "
+                         f"({str(e).splitlines()[-1]}); put that MPI's libraries on LD_LIBRARY_PATH (its env.sh, or "
+                         f"module load), or pip install -r requirements.txt") from None
+    loaded = mpi.family_of(MPI.Get_library_version())
+    if build and build.family and loaded and loaded != build.family:
+        raise SetupError(f"mpi4py loaded {mpi.NAMES[loaded]} but Horovod was built against {build.describe()}: "
+                         f"put that MPI's libraries first on LD_LIBRARY_PATH")
+    return MPI
 
 
 def keep(run_dir: str, record: dict) -> None:

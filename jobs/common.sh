@@ -17,6 +17,9 @@ activate_environment() {
     [ -f "$venv/bin/activate" ] || die 1 "no Python environment: $venv/bin/activate not found in $PWD (run: bash scripts/setup.sh, or $1)"
     # shellcheck source=/dev/null
     . "$venv/bin/activate"
+    # The MPI Horovod was built against, when not Open MPI (MPI=mpich|intel bash scripts/setup.sh)
+    # shellcheck source=/dev/null
+    if [ -f "$venv/mpi.env" ]; then . "$venv/mpi.env"; fi
   fi
   if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 }

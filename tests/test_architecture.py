@@ -16,7 +16,8 @@ ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 # The layers, bottom first, as docs/architecture.md states them. A module may import its own package
 # and the layers below its own; the base layer's modules import one another too (without a cycle).
 LAYERS = (
-    ("errors", "files", "tables", "config", "cpu", "data", "basis", "scaling", "lease", "environment"),
+    ("errors", "files", "tables", "config", "cpu", "data", "basis", "scaling", "lease", "environment",
+     "mpi"),
     ("timing", "preflight"),
     ("reporting",),
     ("training", "launch"),

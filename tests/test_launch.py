@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fmnist_dist import environment, launch
+from fmnist_dist import environment, launch, mpi
 from fmnist_dist.launch import LaunchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -375,29 +375,61 @@ def test_the_resubmission_passes_its_variables_through_the_shell_and_qsub(workdi
 
 
 def test_slurm_plan_srun_when_pmix(workdir):
-    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, has_pmix=lambda: True)
+    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, srun_plugins=lambda: {"pmix", "pmi2"})
     assert (p.launcher, p.ranks, p.threads_per_rank, p.cores_per_node) == ("srun", 4, 12, 24)
     assert p.command[:5] == ["srun", "--mpi=pmix", "--ntasks=4", "--cpus-per-task=12", "--kill-on-bad-exit=1"]
     assert p.run_dir == str(workdir / "runs" / "77")
 
 
 def test_slurm_plan_falls_back_to_mpirun(workdir):
-    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, has_pmix=lambda: False)
+    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, srun_plugins=lambda: {"pmi2"})
     assert p.launcher == "mpirun" and p.hostfile is None    # Open MPI reads the Slurm allocation itself
     assert p.command[:7] == ["mpirun", "-np", "4", "--map-by", "slot:PE=12", "--bind-to", "core"]
-    assert any("srun --mpi=pmix is not available" in n for n in p.notes)
+    assert any("srun --mpi=pmix (what Open MPI needs) is not available" in n for n in p.notes)
 
 
 def test_slurm_plan_np_smaller_than_tasks(workdir):
-    p = plan("slurm", slurm_env(), workdir, np=2, has_pmix=lambda: True)
+    p = plan("slurm", slurm_env(), workdir, np=2, srun_plugins=lambda: {"pmix"})
     assert p.placement == [("n1", 2)] and "--ntasks=2" in p.command
 
 
 def test_mpi_list_parsing():
     slurm_22 = "MPI plugin types are...\n\tpmix\n\tnone\n\tcray_shasta\n\tpmi2\nspecific pmix plugin versions available: pmix_v4\n"
-    assert launch.mpi_list_has_pmix(slurm_22)
-    assert not launch.mpi_list_has_pmix("MPI plugin types are...\n\tnone\n\tpmi2\n")
-    assert launch.mpi_list_has_pmix("MPI plugin types are...\n\tnone\n\tpmix_v3\n")
+    assert launch.mpi_plugins(slurm_22) == {"pmix", "pmi2"}
+    assert launch.mpi_plugins("MPI plugin types are...\n\tnone\n\tpmi2\n") == {"pmi2"}
+    assert launch.mpi_plugins("MPI plugin types are...\n\tnone\n\tpmix_v3\n") == {"pmix"}
+    assert launch.mpi_plugins("srun: MPI types are...\nsrun: none\nsrun: pmi2\n") == {"pmi2"}
+
+
+# --- the launch line of each MPI (mpi.py decides the family; the run of each is tests/test_mpis.py)
+
+def test_mpich_plan_is_hydra_with_a_machinefile_and_core_binding(workdir):
+    p = plan("pbs", pbs_env(workdir, ["n1", "n1", "n2"]), workdir, mpi_family="mpich")
+    assert p.command[:7] == ["mpirun", "-n", "3", "-machinefile", f"{p.run_dir}/hostfile", "-bind-to", "core:4"]
+    assert "-x" not in p.command and "--mca" not in p.command     # Open MPI's options
+    assert (Path(p.run_dir) / "hostfile").read_text() == "n1:2\nn2:1\n"
+    assert "  mpi     MPICH" in launch.describe(p)
+
+
+def test_intel_mpi_plan_pins_by_domain(workdir):
+    p = plan("pbs", pbs_env(workdir, ["n1", "n1"]), workdir, mpi_family="intel")
+    assert p.command[:7] == ["mpirun", "-n", "2", "-machinefile", f"{p.run_dir}/hostfile",
+                             "-genv", "I_MPI_PIN_DOMAIN"] and p.command[7] == "4:compact"
+    over = plan("pbs", pbs_env(workdir, ["n1"] * 4), workdir, mpi_family="intel", cores_per_node=2,
+                run_dir="runs/over")
+    assert over.command[5:8] == ["-genv", "I_MPI_PIN", "0"]          # oversubscribed: no pinning
+
+
+@pytest.mark.parametrize("family, pmi", [("openmpi", "pmix"), ("mpich", "pmi2"), ("intel", "pmi2")])
+def test_srun_speaks_the_pmi_of_the_mpi(workdir, family, pmi, monkeypatch):
+    monkeypatch.setattr(launch, "slurm_pmi2_library", lambda: "/usr/lib/libpmi2.so.0")
+    p = plan("slurm", slurm_env(), workdir, cores_per_node=None, srun_plugins=lambda: {"pmix", "pmi2"},
+             mpi_family=family)
+    assert p.launcher == "srun" and p.command[1] == f"--mpi={pmi}"
+    assert ("--export=ALL,I_MPI_PMI_LIBRARY=/usr/lib/libpmi2.so.0" in p.command) == (family == "intel")
+    without = plan("slurm", slurm_env(), workdir, cores_per_node=None, srun_plugins=lambda: {"pmix"},
+                   mpi_family=family, run_dir="runs/other")
+    assert without.launcher == ("srun" if pmi == "pmix" else "mpirun")
 
 
 def test_shell_output_round_trips_through_bash(workdir):
@@ -471,15 +503,34 @@ def test_cli_shell_format(tmp_path):
     assert json.loads(proc.stdout)["run_dir"] == str(tmp_path / "elsewhere")
 
 
-def test_mpirun_must_be_open_mpi(tmp_path):
-    fake = tmp_path / "mpirun"       # a real executable that answers like Intel MPI's mpirun
-    fake.write_text("#!/bin/sh\necho 'Intel(R) MPI Library for Linux* OS, Version 2021.10'\n")
+@pytest.mark.parametrize("banner, family", [
+    ("mpirun (Open MPI) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/", "openmpi"),
+    ("Intel(R) MPI Library for Linux* OS, Version 2021.19.0 Build 20260929 (id: 1821d9b)", "intel"),
+    ("HYDRA build details:\n    Version:                                 4.0.2\n", "mpich"),
+    ("something else 1.0", None)])
+def test_a_launcher_is_known_by_its_version(tmp_path, banner, family):
+    fake = tmp_path / "mpirun"       # a real executable that answers like that MPI's mpirun
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' '{banner}'\n")
     fake.chmod(0o755)
-    with pytest.raises(LaunchError, match=r"is not Open MPI \(Intel\(R\) MPI Library.*LAUNCHER=horovodrun"):
-        launch.check_open_mpi(str(fake))
-    real = launch.shutil.which("mpirun")
-    if real:
-        launch.check_open_mpi(real)
+    found = mpi.launcher(str(fake))
+    assert found.family == family
+    built = mpi.Mpi("openmpi", "Open MPI v4.1.4", "/usr/lib/libmpi.so.40")
+    if family in ("intel", "mpich"):
+        with pytest.raises(LaunchError, match=rf"^Horovod was built against Open MPI \(Open MPI v4.1.4; "
+                                              rf"/usr/lib/libmpi.so.40\), but the launcher is {mpi.NAMES[family]} "):
+            mpi.check_match(built, found)
+    else:
+        mpi.check_match(built, found)   # the same MPI, or one not recognised: no objection
+
+
+def test_a_rank_knows_its_launcher_before_mpi_starts():
+    hydra, ompi = {"PMI_RANK": "0", "PMI_SIZE": "2"}, {"OMPI_COMM_WORLD_SIZE": "2"}
+    assert mpi.launched_by(hydra) == "hydra" and mpi.launched_by(ompi) == "openmpi"
+    assert mpi.launched_by({**hydra, "SLURM_STEP_ID": "0"}) is None      # srun's PMI-2
+    intel = mpi.Mpi("intel", "Intel(R) MPI Library 2021.19", "/x/libmpi.so.12")
+    mpi.check_rank(intel, hydra)
+    with pytest.raises(LaunchError, match=r"started by Open MPI's mpirun, but Horovod was built against Intel MPI"):
+        mpi.check_rank(intel, ompi)
 
 
 def test_threads_follow_slurm_cpus_per_task_inside_a_step():

@@ -14,7 +14,8 @@ import yaml
 from conftest import PYTHON, ROOT, run_env
 
 # What scripts/setup.sh installs from: its stamp must change when any of them does.
-INSTALL_INPUTS = ("requirements.txt", "requirements-dev.txt", "requirements-itex.txt", "pyproject.toml")
+INSTALL_INPUTS = ("requirements.txt", "requirements-dev.txt", "requirements-itex.txt", "requirements-impi.txt",
+                  "pyproject.toml")
 
 
 def requirement_lines(name: str) -> list[str]:
@@ -70,7 +71,7 @@ def test_intel_extension_is_no_dependency_of_any_kind():
 
 def test_setup_reinstalls_when_anything_it_installs_from_changes():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    hashed = re.search(r"^reqs_hash=\$\(cat ([^|]+)\|", setup, re.M)
+    hashed = re.search(r"^reqs_hash=\$\( ?\(?cat ([^|;]+)[|;]", setup, re.M)
     assert hashed, "scripts/setup.sh: no reqs_hash=$(cat FILES | sha256sum ...) line"
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
     dynamic = setuptools.get("dynamic", {})

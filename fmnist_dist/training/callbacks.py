@@ -27,6 +27,9 @@ class StopFlag:
         flag = cls()
         for sig in STOP_SIGNALS:
             signal.signal(sig, flag._handle)
+        # Under PBS the launcher runs with SIGTERM blocked (launch.SIGTERM_BLOCKED); Open MPI's and
+        # Intel MPI's launchers unblock it in the ranks, MPICH's passes the mask on.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return flag
 
     def _handle(self, signum, frame) -> None:
