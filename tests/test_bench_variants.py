@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from conftest import PYTHON, ROOT, unavailable
 from fmnist_dist.bench import render, stats, variants
 
 BY_NAME = {v.name: v for v in variants.VARIANTS}
@@ -21,7 +21,7 @@ def record(**changes) -> dict:
     """An in-effect record as measure.in_effect writes it (its keys are checked against a real
     worker's in test_the_fp32_and_onednn_off_variants_run_as_named): the default fp32 variant's."""
     return {"onednn": True, "itex": True, "itex_loaded": True, "itex_auto_mixed_precision": False,
-            "mixed_precision_policy": "float32", "intra_op_threads": 2, "world": 1,
+            "mixed_precision_policy": "float32", "intra_op_threads": 2, "world": 1, "mpi": "openmpi",
             "tensorflow_loaded_before_prepare": False, **changes}
 
 
@@ -63,6 +63,10 @@ def test_precision_threads_and_ranks_contrary_to_the_name_are_mismatches():
         "1 rank(s) reported, named 2", "a world of 1 rank(s), named 2 (rank 0)"]
     one_rank_off = [record(world=2, intra_op_threads=1), record(world=2, intra_op_threads=1, onednn=False)]
     assert variants.mismatches(BY_NAME["mpi-2x1-fp32"], one_rank_off) == ["oneDNN off, named on (rank 1)"]
+    # another MPI's Horovod named, the venv's own (Open MPI) in effect
+    both = [record(world=2, intra_op_threads=1), record(world=2, intra_op_threads=1)]
+    assert variants.mismatches(BY_NAME["mpich-2x1-fp32"], both) == ["Open MPI in effect, named MPICH (rank 0, 1)"]
+    assert variants.mismatches(BY_NAME["impi-2x1-fp32"], [dict(r, mpi="intel") for r in both]) == []
 
 
 def worker_result(*records: dict, images_per_s: float = 1234.0) -> dict:
@@ -167,3 +171,18 @@ def test_a_worker_that_cannot_switch_onednn_off_is_reported(tmp_path):
     (launch,) = result["launches"]
     assert launch["ran_as_named"] is False and "oneDNN on, named off" in launch["error"]
     assert result["variants"][0]["median"] is None
+
+
+@pytest.mark.slow
+def test_each_mpi_variant_runs_on_its_own_mpi(tmp_path):
+    """The MPICH and Intel MPI variants launch Horovod built against that MPI (scripts/setup.sh test),
+    and their ranks say so from inside: the library in their memory map is that MPI's. Where a build
+    is missing the bench skips the variant and says why (in CI that fails here)."""
+    result = run_bench(tmp_path / "bench", "--variants", "mpich-2x1-fp32,impi-2x1-fp32")
+    skipped = {s["name"]: s["reason"] for s in result["skipped"]}
+    if skipped:
+        unavailable("; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    for name, family in (("mpich-2x1-fp32", "mpich"), ("impi-2x1-fp32", "intel")):
+        launch = next(la for la in result["launches"] if la["variant"] == name)
+        assert launch["ran_as_named"] is True, launch
+        assert [r["mpi"] for r in launch["in_effect"]] == [family, family]

@@ -3,13 +3,14 @@ matmul peak. Imported by the worker after `runtime.prepare` (TensorFlow loads he
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any
 
 import tensorflow as tf
 
-from .. import cpu
+from .. import cpu, mpi
 from .. import data as data_mod
 from ..config import describe_layers
 from ..scaling import plan_batches
@@ -123,7 +124,20 @@ def in_effect(itex: dict, world: int, tensorflow_loaded_before_prepare: bool = F
             "mixed_precision_policy": tf.keras.mixed_precision.global_policy().name,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "world": world,
+            "mpi": mpi_loaded(),
             "tensorflow_loaded_before_prepare": tensorflow_loaded_before_prepare}
+
+
+def mpi_loaded() -> str | None:
+    """The family of the MPI library this process has loaded (Horovod's), from its memory map; None
+    without one (no Horovod, or Horovod without MPI)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if re.search(r"/libmpi(ch)?\.so", line)}
+    except OSError:
+        return None
+    families = {mpi.library(path).family for path in sorted(paths)}
+    return families.pop() if len(families) == 1 else None
 
 
 def _executed_ops(grappler: bool) -> set[tuple[str, str]]:

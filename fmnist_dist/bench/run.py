@@ -150,6 +150,15 @@ def child_env() -> dict:
     return env
 
 
+def with_mpi(env: dict, extra: dict) -> dict:
+    """The worker's environment with a variant's own variables; another MPI's Horovod goes before
+    the project on PYTHONPATH."""
+    merged = {**env, **extra}
+    if "PYTHONPATH" in extra:
+        merged["PYTHONPATH"] = os.pathsep.join(p for p in (extra["PYTHONPATH"], env.get("PYTHONPATH")) if p)
+    return merged
+
+
 def run_launch(spec: dict, name: str, v: Variant, rep: int, out: str, timeout: float) -> dict:
     logs = os.path.join(out, "logs")
     fd, result_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".json", dir=logs)
@@ -163,7 +172,7 @@ def run_launch(spec: dict, name: str, v: Variant, rep: int, out: str, timeout: f
     cmd = launch_command(v, os.path.abspath(spec_path))
     load1 = _loadavg()[0]
     cpu0, ours0, t0 = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
-    error = run_logged(cmd, log_path, timeout)
+    error = run_logged(cmd, log_path, timeout, v.launch_env())
     seconds = time.perf_counter() - t0
     cpu1, ours1 = _cpu_busy_s(), _children_cpu_s()
     other = max(0.0, (cpu1 - cpu0) - (ours1 - ours0)) / (seconds * (os.cpu_count() or 1)) if seconds > 0 else None
@@ -188,14 +197,14 @@ def command_line() -> str:
     return " ".join(["fmnist-dist", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def run_logged(cmd: list[str], log_path: str, timeout: float) -> str | None:
+def run_logged(cmd: list[str], log_path: str, timeout: float, extra_env: dict | None = None) -> str | None:
     """Run cmd from the project directory, its output (after the command line) in log_path; the
     error in a few words, or None."""
     with open(log_path, "w", encoding="utf-8") as logf:
         logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         logf.flush()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=logf, stderr=subprocess.STDOUT,
+            proc = subprocess.run(cmd, cwd=ROOT, env=with_mpi(child_env(), extra_env or {}), stdout=logf, stderr=subprocess.STDOUT,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"killed after the {timeout:g} s timeout"

@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from .. import mpi
 
 BIND_ARGS = "-bind-to core -map-by core"
 
@@ -19,6 +22,8 @@ class Variant:
     ranks: int
     intel: dict = field(default_factory=dict)
     batch: int | None = None  # a per-rank batch of its own (the batch curve); None: the config's
+    mpi: str | None = None    # another MPI's Horovod (scripts/setup.sh test: .venv/mpi/NAME); None: the venv's
+    env: dict = field(default_factory=dict)   # variables of its own (e.g. Horovod's CPU operations)
 
     @property
     def precision(self) -> str:
@@ -33,7 +38,29 @@ class Variant:
         """Why this variant cannot run on this node's CPU (None: it can)."""
         if self.bf16 and not node["native_bf16"]:
             return f"needs native bf16; this CPU offers {node['isa']}" + (f" ({node['isa_cap']})" if node["isa_cap"] else "")
+        if self.mpi and mpi_env(self.mpi) is None:
+            return f"no Horovod built against {self.mpi} in {venv_dir()}/mpi/{self.mpi} (bash scripts/setup.sh test)"
         return None
+
+    def launch_env(self) -> dict:
+        """The variables this variant adds to the worker's environment: its MPI's, its own."""
+        return {**(mpi_env(self.mpi) or {} if self.mpi else {}), **self.env}
+
+
+def venv_dir() -> str:
+    return os.path.dirname(os.path.dirname(sys.executable))
+
+
+def mpi_env(name: str) -> dict | None:
+    """What .venv/mpi/NAME/env.sh sets (that MPI first on PATH, its Horovod first on PYTHONPATH), or
+    None where no Horovod was built against that MPI."""
+    env_sh = os.path.join(venv_dir(), "mpi", name, "env.sh")
+    if not os.path.exists(os.path.join(venv_dir(), "mpi", name, "site", ".built")):
+        return None
+    out = subprocess.run(["bash", "-c", f'source "{env_sh}" && env -0'], capture_output=True, text=True,
+                         env={"PATH": os.environ.get("PATH", os.defpath)}, check=True).stdout
+    found = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    return {k: found[k] for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "I_MPI_ROOT") if k in found}
 
 
 FP32 = {"itex": "auto", "onednn": True, "mixed_precision": "fp32"}
@@ -61,6 +88,10 @@ VARIANTS = [
             {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
     Variant("gloo-2x1-keras-bf16", "2 ranks x 1 thread, bf16 Keras, horovodrun --gloo (as make train runs)",
             "controller", "gloo", 2, {**FP32, "mixed_precision": "keras_bf16"}),
+    Variant("mpich-2x1-fp32", "2 ranks x 1 thread, horovodrun --mpi, Horovod built against MPICH", "mpi",
+            "mpi", 2, FP32, mpi="mpich"),
+    Variant("impi-2x1-fp32", "2 ranks x 1 thread, horovodrun --mpi, Horovod built against Intel MPI", "mpi",
+            "mpi", 2, FP32, mpi="intel"),
 ]
 BASELINE = "hvd-1x2-fp32"
 # (name, what it shows, A, B): ratio = images/s of A / images/s of B, launch by launch.
@@ -81,6 +112,8 @@ COMPARISONS = [
      "hvd-1x2-itex-bf16"),
     ("Gloo / MPI (2x1)", "Horovod controller and collectives", "gloo-2x1-fp32", "mpi-2x1-fp32"),
     ("Gloo / MPI (2x1 bf16)", "the same at ITEX bf16", "gloo-2x1-itex-bf16", "mpi-2x1-itex-bf16"),
+    ("MPICH / Open MPI (2x1)", "Horovod over MPICH instead of Open MPI", "mpich-2x1-fp32", "mpi-2x1-fp32"),
+    ("Intel MPI / Open MPI (2x1)", "Horovod over Intel MPI instead of Open MPI", "impi-2x1-fp32", "mpi-2x1-fp32"),
     ("2x1 Gloo bf16 / 1x2 bf16", "2 ranks under Gloo vs 1 rank at ITEX bf16", "gloo-2x1-itex-bf16",
      "hvd-1x2-itex-bf16"),
     ("2x1 Gloo keras bf16 / 1x2 keras bf16", "2 ranks under Gloo vs 1 rank at Keras bf16 (the default recipe)",
@@ -186,6 +219,8 @@ def _record_mismatches(v: Variant, record: dict) -> list[str]:
         out.append(f"precision {precision} in effect, named {named['mixed_precision']}")
     if named.get("intra_op_threads") and record["intra_op_threads"] != named["intra_op_threads"]:
         out.append(f"{record['intra_op_threads']} intra-op threads, named {named['intra_op_threads']}")
+    if v.mpi and record.get("mpi") != v.mpi:
+        out.append(f"{mpi.NAMES.get(record.get('mpi') or '', 'no MPI')} in effect, named {mpi.NAMES[v.mpi]}")
     return out
 
 
