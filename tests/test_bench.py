@@ -23,7 +23,8 @@ def test_variants_and_comparisons_are_consistent():
     groups = {v.group for v in variants.VARIANTS}
     assert {"precision", "itex", "onednn", "ranks", "controller", "horovod"} <= groups
     launchers = {v.launcher for v in variants.VARIANTS}
-    assert launchers == {"keras", "single", "mpi", "mpi-bind", "gloo"}
+    assert launchers == {"keras", "single", "mpi", "mpi-bind", "gloo", "hydra"}
+    assert {v.mpi for v in variants.VARIANTS} == {None, "mpich", "intel", "ccl"}
 
 
 def test_launch_commands():
@@ -34,6 +35,8 @@ def test_launch_commands():
     assert bound[1:5] == ["-np", "2", "--mpi", f"--binding-args={variants.BIND_ARGS}"]
     assert "--gloo" in variants.launch_command(by_name["gloo-2x1-fp32"], "s.json")
     assert variants.display_command(by_name["mpi-2x1-fp32"]).startswith("horovodrun -np 2 --mpi python -m")
+    # MPICH's and Intel MPI's own mpirun (their env.sh puts it first on PATH), not horovodrun
+    assert variants.display_command(by_name["mpich-2x1-fp32"]).startswith("mpirun -n 2 python -m")
 
 
 def test_statistics_pair_launches_of_the_same_repetition():

@@ -21,7 +21,7 @@ def record(**changes) -> dict:
     """An in-effect record as measure.in_effect writes it (its keys are checked against a real
     worker's in test_the_fp32_and_onednn_off_variants_run_as_named): the default fp32 variant's."""
     return {"onednn": True, "itex": True, "itex_loaded": True, "itex_auto_mixed_precision": False,
-            "mixed_precision_policy": "float32", "intra_op_threads": 2, "world": 1, "mpi": "openmpi",
+            "mixed_precision_policy": "float32", "intra_op_threads": 2, "world": 1, "mpi": "openmpi", "ccl": False,
             "tensorflow_loaded_before_prepare": False, **changes}
 
 
@@ -67,6 +67,9 @@ def test_precision_threads_and_ranks_contrary_to_the_name_are_mismatches():
     both = [record(world=2, intra_op_threads=1), record(world=2, intra_op_threads=1)]
     assert variants.mismatches(BY_NAME["mpich-2x1-fp32"], both) == ["Open MPI in effect, named MPICH (rank 0, 1)"]
     assert variants.mismatches(BY_NAME["impi-2x1-fp32"], [dict(r, mpi="intel") for r in both]) == []
+    assert variants.mismatches(BY_NAME["ccl-2x1-fp32"], [dict(r, mpi="intel") for r in both]) == [
+        "no oneCCL in effect, named oneCCL (rank 0, 1)"]
+    assert variants.mismatches(BY_NAME["ccl-2x1-fp32"], [dict(r, mpi="intel", ccl=True) for r in both]) == []
 
 
 def worker_result(*records: dict, images_per_s: float = 1234.0) -> dict:

@@ -125,19 +125,28 @@ def in_effect(itex: dict, world: int, tensorflow_loaded_before_prepare: bool = F
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "world": world,
             "mpi": mpi_loaded(),
+            "ccl": _mapped(r"/libccl\.so"),
             "tensorflow_loaded_before_prepare": tensorflow_loaded_before_prepare}
 
 
 def mpi_loaded() -> str | None:
     """The family of the MPI library this process has loaded (Horovod's), from its memory map; None
     without one (no Horovod, or Horovod without MPI)."""
+    families = {mpi.library(path).family for path in sorted(_mapped_paths(r"/libmpi(ch)?\.so"))}
+    return families.pop() if len(families) == 1 else None
+
+
+def _mapped_paths(pattern: str) -> set[str]:
     try:
         with open("/proc/self/maps", encoding="utf-8") as f:
-            paths = {line.split()[-1] for line in f if re.search(r"/libmpi(ch)?\.so", line)}
+            return {line.split()[-1] for line in f if re.search(pattern, line)}
     except OSError:
-        return None
-    families = {mpi.library(path).family for path in sorted(paths)}
-    return families.pop() if len(families) == 1 else None
+        return set()
+
+
+def _mapped(pattern: str) -> bool:
+    """Whether this process has a library matching pattern loaded (oneCCL: Horovod built with it)."""
+    return bool(_mapped_paths(pattern))
 
 
 def _executed_ops(grappler: bool) -> set[tuple[str, str]]:

@@ -18,11 +18,11 @@ class Variant:
     name: str
     title: str
     group: str
-    launcher: str            # keras (no Horovod) | single (Horovod, 1 process) | mpi | mpi-bind | gloo
+    launcher: str            # keras (no Horovod) | single (Horovod, 1 process) | mpi | mpi-bind | gloo | hydra
     ranks: int
     intel: dict = field(default_factory=dict)
     batch: int | None = None  # a per-rank batch of its own (the batch curve); None: the config's
-    mpi: str | None = None    # another MPI's Horovod (scripts/setup.sh test: .venv/mpi/NAME); None: the venv's
+    mpi: str | None = None    # another Horovod build, .venv/mpi/NAME (openmpi, mpich, intel; ccl: scripts/build-oneccl.sh)
     env: dict = field(default_factory=dict)   # variables of its own (e.g. Horovod's CPU operations)
 
     @property
@@ -39,7 +39,8 @@ class Variant:
         if self.bf16 and not node["native_bf16"]:
             return f"needs native bf16; this CPU offers {node['isa']}" + (f" ({node['isa_cap']})" if node["isa_cap"] else "")
         if self.mpi and mpi_env(self.mpi) is None:
-            return f"no Horovod built against {self.mpi} in {venv_dir()}/mpi/{self.mpi} (bash scripts/setup.sh test)"
+            how = "bash scripts/build-oneccl.sh" if self.mpi == "ccl" else "bash scripts/setup.sh test"
+            return f"no Horovod built for {self.mpi} in {venv_dir()}/mpi/{self.mpi} ({how})"
         return None
 
     def launch_env(self) -> dict:
@@ -60,7 +61,8 @@ def mpi_env(name: str) -> dict | None:
     out = subprocess.run(["bash", "-c", f'source "{env_sh}" && env -0'], capture_output=True, text=True,
                          env={"PATH": os.environ.get("PATH", os.defpath)}, check=True).stdout
     found = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-    return {k: found[k] for k in ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "I_MPI_ROOT") if k in found}
+    keep = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "I_MPI_ROOT", "CCL_ROOT", "HOROVOD_CPU_OPERATIONS")
+    return {k: found[k] for k in keep if k in found}
 
 
 FP32 = {"itex": "auto", "onednn": True, "mixed_precision": "fp32"}
@@ -88,10 +90,14 @@ VARIANTS = [
             {**FP32, "itex": "on", "mixed_precision": "itex_bf16"}),
     Variant("gloo-2x1-keras-bf16", "2 ranks x 1 thread, bf16 Keras, horovodrun --gloo (as make train runs)",
             "controller", "gloo", 2, {**FP32, "mixed_precision": "keras_bf16"}),
-    Variant("mpich-2x1-fp32", "2 ranks x 1 thread, horovodrun --mpi, Horovod built against MPICH", "mpi",
-            "mpi", 2, FP32, mpi="mpich"),
-    Variant("impi-2x1-fp32", "2 ranks x 1 thread, horovodrun --mpi, Horovod built against Intel MPI", "mpi",
-            "mpi", 2, FP32, mpi="intel"),
+    # Hydra's mpirun, not horovodrun: Horovod 0.28.1's horovodrun does not recognise Debian MPICH 4's
+    # `mpirun --version` ("HYDRA build details", no "MPICH") and refuses to start.
+    Variant("mpich-2x1-fp32", "2 ranks x 1 thread, MPICH's mpirun, Horovod built against MPICH", "mpi",
+            "hydra", 2, FP32, mpi="mpich"),
+    Variant("impi-2x1-fp32", "2 ranks x 1 thread, Intel MPI's mpirun, Horovod built against Intel MPI", "mpi",
+            "hydra", 2, FP32, mpi="intel"),
+    Variant("ccl-2x1-fp32", "2 ranks x 1 thread, Intel MPI's mpirun, Horovod's CPU collectives by oneCCL",
+            "mpi", "hydra", 2, FP32, mpi="ccl"),
 ]
 BASELINE = "hvd-1x2-fp32"
 # (name, what it shows, A, B): ratio = images/s of A / images/s of B, launch by launch.
@@ -114,6 +120,8 @@ COMPARISONS = [
     ("Gloo / MPI (2x1 bf16)", "the same at ITEX bf16", "gloo-2x1-itex-bf16", "mpi-2x1-itex-bf16"),
     ("MPICH / Open MPI (2x1)", "Horovod over MPICH instead of Open MPI", "mpich-2x1-fp32", "mpi-2x1-fp32"),
     ("Intel MPI / Open MPI (2x1)", "Horovod over Intel MPI instead of Open MPI", "impi-2x1-fp32", "mpi-2x1-fp32"),
+    ("oneCCL / Intel MPI (2x1)", "Horovod's collectives by oneCCL instead of Intel MPI", "ccl-2x1-fp32", "impi-2x1-fp32"),
+    ("Gloo / Intel MPI (2x1)", "Horovod's Gloo controller instead of Intel MPI", "gloo-2x1-fp32", "impi-2x1-fp32"),
     ("2x1 Gloo bf16 / 1x2 bf16", "2 ranks under Gloo vs 1 rank at ITEX bf16", "gloo-2x1-itex-bf16",
      "hvd-1x2-itex-bf16"),
     ("2x1 Gloo keras bf16 / 1x2 keras bf16", "2 ranks under Gloo vs 1 rank at Keras bf16 (the default recipe)",
@@ -151,6 +159,8 @@ def launch_command(v: Variant, spec_path: str) -> list[str]:
     worker = [sys.executable, "-m", "fmnist_dist.bench.worker", spec_path]
     if v.launcher in ("keras", "single"):
         return worker
+    if v.launcher == "hydra":          # the variant's env.sh puts that MPI's mpirun first on PATH
+        return ["mpirun", "-n", str(v.ranks)] + worker
     cmd = [horovodrun_path(), "-np", str(v.ranks)]
     if v.launcher == "gloo":
         return cmd + ["--gloo"] + worker
@@ -219,8 +229,11 @@ def _record_mismatches(v: Variant, record: dict) -> list[str]:
         out.append(f"precision {precision} in effect, named {named['mixed_precision']}")
     if named.get("intra_op_threads") and record["intra_op_threads"] != named["intra_op_threads"]:
         out.append(f"{record['intra_op_threads']} intra-op threads, named {named['intra_op_threads']}")
-    if v.mpi and record.get("mpi") != v.mpi:
-        out.append(f"{mpi.NAMES.get(record.get('mpi') or '', 'no MPI')} in effect, named {mpi.NAMES[v.mpi]}")
+    family = "intel" if v.mpi == "ccl" else v.mpi     # oneCCL's Horovod runs over Intel MPI
+    if family and record.get("mpi") != family:
+        out.append(f"{mpi.NAMES.get(record.get('mpi') or '', 'no MPI')} in effect, named {mpi.NAMES[family]}")
+    if v.mpi == "ccl" and not record.get("ccl"):
+        out.append("no oneCCL in effect, named oneCCL")
     return out
 
 
