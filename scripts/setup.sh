@@ -36,8 +36,9 @@ else
   missing=()
   need() { command -v "$1" >/dev/null || missing+=("$2"); }
   if [ "$mpi" != intel ]; then  # Intel MPI comes from PyPI, into the venv
-    need mpirun "mpirun (the MPI to launch the ranks with): module load openmpi (or mpich, or MPI=intel for Intel MPI from PyPI)"
-    need mpicxx "mpicxx (that MPI's C++ compiler wrapper, to build Horovod): module load openmpi, or conda install -c conda-forge openmpi-mpicxx"
+    name=$([ "$mpi" = mpich ] && echo MPICH || echo "Open MPI") module=$([ "$mpi" = mpich ] && echo mpich || echo openmpi)
+    need mpirun "mpirun ($name, to launch the ranks): module load $module, or MPI=intel for Intel MPI from PyPI"
+    need mpicxx "mpicxx ($name's C++ compiler wrapper, to build Horovod): module load $module, or conda install -c conda-forge $module-mpicxx"
   fi
   need g++ "g++ (a C++17 compiler, to build Horovod): module load gcc, or conda install -c conda-forge gxx_linux-64"
   need make "make (to build Horovod): module load make, or conda install -c conda-forge make"
