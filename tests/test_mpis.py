@@ -22,8 +22,9 @@ from pbs import JOB_PATH
 from test_jobs import RUN_TIMEOUT, check_report, read_report, run_pbs_job
 from test_jobs import slurm  # noqa: F401  (the module's one-node Slurm cluster)
 
-MPIS = ("openmpi", "mpich", "intel")
-NAMES = {"openmpi": "Open MPI", "mpich": "MPICH", "intel": "Intel MPI"}
+from fmnist_dist.mpi import NAMES
+
+MPIS = tuple(NAMES)
 # The first words of each MPI's launch line, as launch-plan writes it for a PBS job on one node.
 LAUNCH_LINE = {"openmpi": "mpirun -np 2 --hostfile ", "mpich": "mpirun -n 2 -machinefile ",
                "intel": "mpirun -n 2 -machinefile "}
