@@ -22,14 +22,13 @@ from pbs import JOB_PATH
 from test_jobs import RUN_TIMEOUT, check_report, read_report, run_pbs_job
 from test_jobs import slurm  # noqa: F401  (the module's one-node Slurm cluster)
 
+from fmnist_dist.bench.variants import sourced_env
 from fmnist_dist.mpi import NAMES
 
 MPIS = tuple(NAMES)
 # The first words of each MPI's launch line, as launch-plan writes it for a PBS job on one node.
 LAUNCH_LINE = {"openmpi": "mpirun -np 2 --hostfile ", "mpich": "mpirun -n 2 -machinefile ",
                "intel": "mpirun -n 2 -machinefile "}
-# An MPI's own variables a job needs beside PATH (Intel MPI finds its tools and libraries by I_MPI_ROOT).
-MPI_VARIABLES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "I_MPI_ROOT")
 
 
 def built_with() -> str:
@@ -45,10 +44,7 @@ def mpi_env(name: str, path: str = JOB_PATH) -> dict[str, str]:
     env_sh = VENV / "mpi" / name / "env.sh"
     if not env_sh.exists():
         return {"PATH": path}
-    out = subprocess.run(["bash", "-c", f'source "{env_sh}" && env -0'], env={"PATH": path},
-                         capture_output=True, text=True, check=True).stdout
-    env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-    return {k: env[k] for k in MPI_VARIABLES if k in env}
+    return sourced_env(str(env_sh), path)
 
 
 @pytest.mark.slow

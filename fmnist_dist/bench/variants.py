@@ -55,11 +55,15 @@ def venv_dir() -> str:
 def mpi_env(name: str) -> dict | None:
     """What .venv/mpi/NAME/env.sh sets (that MPI first on PATH, its Horovod first on PYTHONPATH), or
     None where no Horovod was built against that MPI."""
-    env_sh = os.path.join(venv_dir(), "mpi", name, "env.sh")
     if not os.path.exists(os.path.join(venv_dir(), "mpi", name, "site", ".built")):
         return None
+    return sourced_env(os.path.join(venv_dir(), "mpi", name, "env.sh"), os.environ.get("PATH", os.defpath))
+
+
+def sourced_env(env_sh: str, path: str) -> dict:
+    """The MPI variables an env.sh sets, sourced by bash on top of `path` (as `module load` would)."""
     out = subprocess.run(["bash", "-c", f'source "{env_sh}" && env -0'], capture_output=True, text=True,
-                         env={"PATH": os.environ.get("PATH", os.defpath)}, check=True).stdout
+                         env={"PATH": path}, check=True).stdout
     found = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
     keep = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "I_MPI_ROOT", "CCL_ROOT", "HOROVOD_CPU_OPERATIONS")
     return {k: found[k] for k in keep if k in found}
