@@ -451,6 +451,9 @@ def add_race_parser(sub) -> None:
                    help=f"test accuracy to reach (default {basis.DEFAULT_TARGET})")
     p.add_argument("--np", type=int, default=2, help="ranks of the project's run (default 2, as make train)")
     p.add_argument("--peer-max-epochs", type=int, default=30, help="the peer gives up after this many epochs")
+    p.add_argument("--peer-padding", choices=("same", "valid"), default="same",
+                   help="the peer's convolutions: same (default; the plain script that reaches 92%%) or valid "
+                   "(the original study's network, which plateaus just under it)")
     p.add_argument("--data-dir", default=None, help="directory holding the Fashion-MNIST IDX files")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: one seed, 20 steps of one epoch on each side (the target is not reached)")
@@ -480,7 +483,7 @@ def cmd_race(args: argparse.Namespace) -> int:
         overrides += ["train.epochs=1", "train.steps_per_epoch=20"]
     settings = {"config": args.config, "overrides": overrides, "seeds": seeds, "target": args.target,
                 "np": args.np, "peer_max_epochs": 1 if args.quick else args.peer_max_epochs,
-                "peer_steps": 20 if args.quick else None, "data_dir": args.data_dir, "timeout": args.timeout}
+                "peer_padding": args.peer_padding, "peer_steps": 20 if args.quick else None, "data_dir": args.data_dir, "timeout": args.timeout}
     out = args.out or os.path.join("runs", f"race-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     result = run_race(settings, out)
     print()

@@ -178,6 +178,7 @@ def test_quick_race_runs_both_sides_and_writes_its_outputs(tmp_path):
         assert s["training_s"] > 0 and s["wall_s"] > s["training_s"] and s["reached"] is False
         assert (out / s["log"]).exists()
     assert entry["ratio_training"] is None and result["summary"]["ratio_training_median"] is None
+    assert "--padding same" in entry["peer"]["command"] and result["peer_padding"] == "same"
     assert "--steps-per-epoch 20" in entry["peer"]["command"] and "horovodrun --gloo -np 2" in entry["project"]["command"]
     md = (out / "race.md").read_text()
     assert "| seed | peer epochs |" in md and "missed" in md
@@ -236,6 +237,9 @@ def test_race_shows_how_much_of_a_bound_rests_on_the_peer_plateau():
                         "summary": summary})
     assert "91.83% (best 91.97% at epoch 15, 142.4 s)" in md
     assert "at its best epoch, the training ratio would have been 2.55x (not a bound" in md
+    seed1 = next(line for line in md.splitlines() if line.startswith("| 1 |"))
+    assert ">" not in seed1 and seed1.endswith("| — \\* | — |")           # a bound is a footnote, not a ratio
+    assert "only a lower bound on the training ratio (seed 1 > 5.20x)" in md
 
 
 def test_the_batch_curve_is_one_rank_one_thread_per_batch_and_native_precision():
