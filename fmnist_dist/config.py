@@ -100,8 +100,8 @@ SCHEMA: dict[str, Field] = {
                               "batch / train.batch_size: the number of ranks under weak scaling)",
                               choices=("linear", "sqrt", "none")),
     "train.warmup_epochs": Field(1.0, float, "linear warm-up from train.lr to the scaled rate", min=0.0),
-    "train.schedule": Field("cosine", str, "learning-rate schedule after warm-up",
-                            choices=("constant", "cosine")),
+    "train.schedule": Field("cosine", str, "learning-rate schedule after warm-up: constant, or a cosine or "
+                            "linear decay to zero at the last step", choices=("constant", "cosine", "linear")),
     "train.momentum": Field(0.9, float, "SGD momentum", min=0.0, max=1.0),
     "train.weight_decay": Field(0.0, float, "weight decay (adamw, sgd: decoupled; lamb: within the layer-wise step)", min=0.0),
     "train.label_smoothing": Field(0.1, float, "label smoothing", min=0.0, max=0.5),

@@ -69,3 +69,12 @@ def test_lamb_survives_the_config_round_trip_horovod_makes():
     original = optim.Lamb(optim.WarmupSchedule(1e-3, 3.2e-2, 30, 120, True), lamb_weight_decay=0.01)
     rebuilt = optim.Lamb.from_config(original.get_config())
     assert rebuilt.lamb_weight_decay == 0.01 and float(rebuilt.learning_rate) == pytest.approx(1e-3)
+
+
+def test_the_linear_schedule_decays_to_zero_after_the_warm_up_and_survives_the_round_trip():
+    schedule = optim.WarmupSchedule(1e-3, 4e-3, 10, 110, cosine=False, linear=True)
+    assert float(schedule(0)) == pytest.approx(1e-3) and float(schedule(10)) == pytest.approx(4e-3)
+    assert float(schedule(60)) == pytest.approx(2e-3) and float(schedule(110)) == pytest.approx(0.0)
+    assert optim.WarmupSchedule.from_config(schedule.get_config()).linear is True
+    t = train_section(schedule="linear")
+    assert optim.lr_schedule(t, plan_batches(vars(t), 1), steps_per_epoch=10).linear is True

@@ -10,14 +10,15 @@ from ..scaling import LARGE_BATCH_WARMUP_EPOCHS, BatchPlan
 
 @tf.keras.utils.register_keras_serializable("fmnist_dist")
 class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from the one-rank rate to the scaled peak, then constant or cosine decay.
+    """Linear warm-up from the one-rank rate to the scaled peak, then constant, cosine or linear decay.
 
     A function of the optimizer's step counter, so it survives per-epoch fit calls and checkpoints.
     Serializable because hvd.DistributedOptimizer rebuilds the optimizer from its config.
     """
 
-    def __init__(self, base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int, cosine: bool):
-        self.base_lr, self.peak_lr, self.cosine = base_lr, peak_lr, cosine
+    def __init__(self, base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int, cosine: bool,
+                 linear: bool = False):
+        self.base_lr, self.peak_lr, self.cosine, self.linear = base_lr, peak_lr, cosine, linear
         self.warmup_steps, self.total_steps = int(warmup_steps), max(1, int(total_steps))
 
     def __call__(self, step):
@@ -25,12 +26,15 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
         warm = self.base_lr + (self.peak_lr - self.base_lr) * step / max(1, self.warmup_steps)
         progress = tf.clip_by_value(
             (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps), 0.0, 1.0)
-        decayed = self.peak_lr * 0.5 * (1.0 + tf.cos(math.pi * progress)) if self.cosine else self.peak_lr
+        if self.cosine:
+            decayed = self.peak_lr * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            decayed = self.peak_lr * (1.0 - progress) if self.linear else self.peak_lr
         return tf.where(step < self.warmup_steps, warm, decayed)
 
     def get_config(self) -> dict:
         return {"base_lr": self.base_lr, "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "cosine": self.cosine}
+                "total_steps": self.total_steps, "cosine": self.cosine, "linear": self.linear}
 
 
 @tf.keras.utils.register_keras_serializable("fmnist_dist")
@@ -70,7 +74,7 @@ def lr_schedule(t, batches: BatchPlan, steps_per_epoch: int) -> WarmupSchedule:
     factor = batches.lr_factor
     scale = {"linear": factor, "sqrt": math.sqrt(factor), "none": 1.0}[t.lr_scaling]
     return WarmupSchedule(t.lr, t.lr * scale, round(warmup_epochs(t, batches) * steps_per_epoch),
-                          t.epochs * steps_per_epoch, t.schedule == "cosine")
+                          t.epochs * steps_per_epoch, t.schedule == "cosine", t.schedule == "linear")
 
 
 def warmup_epochs(t, batches: BatchPlan) -> float:
