@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
                   f"{_x(s['ratio_wall_median'])}; reached {target}: project {s['project_reached']}/{s['seeds']}, "
                   f"peer {s['peer_reached']}/{s['seeds']} seeds."]
         if s.get("ratio_training_at_least") is not None:
-            bounds = [f"seed {r['seed']} > {r['ratio_training_at_least']:.2f}x" for r in result["results"]
+            bounds = [f"seed {r['seed']} {_x(None, r['ratio_training_at_least'])}" for r in result["results"]
                       if r.get("ratio_training_at_least") is not None]
             lines.append(f"\\* The peer gave up short of {target} (after {result.get('peer_max_epochs', 'its')} "
                          f"epochs): no ratio, only a lower bound on the training ratio ({', '.join(bounds)}).")
