@@ -34,9 +34,11 @@ HOROVODRUN := $(VENV)/bin/horovodrun --gloo
 SETS = $(foreach s,$(EXTRA),--set $(s))
 
 # The preflight needs MPI (mpi4py gathers the ranks' answers); it takes seconds, so MPI's slower
-# collectives do not matter there.
+# collectives do not matter there. MPICH and Intel MPI (.venv/mpi.env) start it with their own
+# mpirun: horovodrun does not recognise Debian MPICH 4's and refuses to start.
 train: setup
-	TF_CPP_MIN_LOG_LEVEL=3 $(VENV)/bin/horovodrun --mpi -np $(NP) $(PY) -m fmnist_dist preflight --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
+	if [ -f $(VENV)/mpi.env ]; then . $(VENV)/mpi.env; mpi=(mpirun -n $(NP)); else mpi=($(VENV)/bin/horovodrun --mpi -np $(NP)); fi; \
+	TF_CPP_MIN_LOG_LEVEL=3 "$${mpi[@]}" $(PY) -m fmnist_dist preflight --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
 	$(HOROVODRUN) -np $(NP) $(PY) -m fmnist_dist train --config $(CONFIG) --run-dir $(RUN_DIR) $(SETS)
 
 test: setup-test
