@@ -156,6 +156,16 @@ def candidates(points: list[dict], ranks: int, weak: int) -> list[int]:
     return sorted(g for g in rounded | {weak} if g // ranks >= MIN_RANK_BATCH)
 
 
+def split_words(per_rank: int, batch_size: int) -> str:
+    """How the chosen split relates to train.batch_size: "strong scaling" only for a global batch
+    split thinner than weak scaling would; a larger batch per rank is a different trade."""
+    if per_rank == batch_size:
+        return "weak scaling"
+    if per_rank < batch_size:
+        return "strong scaling"
+    return f"larger than train.batch_size {batch_size}"
+
+
 def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: str, gradient_bytes: int,
            train_size: int, target: float, network: str | tuple[float, float] | None = None) -> dict:
     """The global batch train.global_batch_size=auto trains with, and why: every candidate weighed
@@ -209,6 +219,6 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
     return {"global_batch": best["global_batch"], "mode": mode, "candidates": weighed,
             "network": network if isinstance(network, str) else list(network),
             "precision": precision if precision in curves else next(iter(curves), None),
-            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, {mode} scaling): expected "
+            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, {split_words(best['per_rank'], train['batch_size'])}): expected "
                       f"{best['expected_accuracy']:.2%} (target {target:.1%}), projected {best['projected_s']:.0f} s "
                       f"for {best['epochs_trained']} epochs, the soonest of {len(usable)} that reach the target"}

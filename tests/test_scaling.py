@@ -160,6 +160,12 @@ def test_auto_turns_to_strong_scaling_where_weak_would_lose_accuracy_and_says_wh
     assert "1024 (128 per rank, strong scaling)" in c["reason"]
 
 
+def test_auto_calls_a_larger_batch_per_rank_what_it_is_not_strong_scaling():
+    c = choose(2, 1, a_basis({512: 0.925, 1024: 0.923}), batch_size=128)
+    assert c["global_batch"] == 512
+    assert "512 (256 per rank, larger than train.batch_size 128)" in c["reason"]
+
+
 def test_auto_never_splits_below_the_smallest_rank_batch():
     c = choose(32, 16, a_basis({512: 0.925, 1024: 0.923, 2048: 0.921}))
     assert min(r["per_rank"] for r in c["candidates"]) >= scaling.MIN_RANK_BATCH
