@@ -162,3 +162,19 @@ def test_itex_auto_keeps_to_cpus_with_native_bf16(tmp_path):
     assert itex["loaded"] is cpu.itex_pays(cpu.node_facts(AVX2_ONLY))
     if not itex["loaded"]:
         assert itex["reason"].startswith("intel.itex=auto: not used on AVX2")
+
+
+@pytest.mark.parametrize("opts, changed_after_import, expected", [
+    ("1", None, True), ("0", None, False),
+    ("1", "0", True),      # switched off after TensorFlow loaded: too late, oneDNN still runs
+    ("0", "1", False)])
+def test_the_reported_onednn_state_is_what_tensorflow_executes(opts, changed_after_import, expected):
+    """report.json's environment.onednn_enabled comes from the ops TensorFlow executes, so a change of
+    TF_ENABLE_ONEDNN_OPTS after TensorFlow loaded (which TensorFlow ignores) does not change it."""
+    code = ("import os, tensorflow\n"
+            + (f"os.environ['TF_ENABLE_ONEDNN_OPTS'] = '{changed_after_import}'\n" if changed_after_import else "")
+            + "from fmnist_dist.training import runtime\nprint(runtime.onednn_enabled())\n")
+    out = subprocess.run([PYTHON, "-c", code], env=run_env(TF_ENABLE_ONEDNN_OPTS=opts),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == str(expected)

@@ -57,7 +57,6 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
                        and itex["loaded"],
                        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
     effect = in_effect(environment["itex"], world, tensorflow_loaded_before_prepare)
-    environment["onednn_enabled"] = effect["onednn"]  # runtime's flag reads the variable, not what loaded
     environment["in_effect"] = effect
     _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads; in effect: {effect}")
     t = ns.train
@@ -106,17 +105,15 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
 
 def in_effect(itex: dict, world: int, tensorflow_loaded_before_prepare: bool = False) -> dict:
     """What this process really runs with, asked of TensorFlow itself rather than of the variables
-    that requested it (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, as it loads; the Python binding's
-    IsMklEnabled, runtime.onednn_enabled, keeps a copy of its own that reads the variable at its first
-    call, so it reports a later change that never took effect): the ops TensorFlow executes for a
-    small convolution and matmul. oneDNN on: they
+    that requested it (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, as it loads): the ops TensorFlow
+    executes for a small convolution and matmul (runtime.executed_ops). oneDNN on: they
     become _Mkl ops. ITEX in effect: _ITEX ops. ITEX auto mixed precision: some run in bfloat16.
     Threads and the Keras policy as TensorFlow's config reports them. Call once ITEX is loaded and
     the thread pools are sized."""
-    rewritten = _executed_ops(grappler=True)
+    rewritten = runtime.executed_ops(grappler=True)
     # ITEX's graph optimizer (a grappler plugin) turns Conv2D and MatMul into its own ops before
     # TensorFlow's oneDNN rewrite (a pass after partitioning) sees them: that needs grappler off.
-    plain = _executed_ops(grappler=False)
+    plain = runtime.executed_ops(grappler=False)
     return {"onednn": any(op.startswith("_Mkl") for op, _ in plain),
             "itex": any(op.startswith("_ITEX") for op, _ in rewritten),
             "itex_loaded": bool(itex["loaded"]),
@@ -147,26 +144,6 @@ def _mapped_paths(pattern: str) -> set[str]:
 def _mapped(pattern: str) -> bool:
     """Whether this process has a library matching pattern loaded (oneCCL: Horovod built with it)."""
     return bool(_mapped_paths(pattern))
-
-
-def _executed_ops(grappler: bool) -> set[tuple[str, str]]:
-    """(op, its T dtype or "") of each node TensorFlow executes for relu(conv2d) then matmul, after
-    its rewrites; grappler=False leaves grappler, and the plugins' optimizers with it, out."""
-    graph = tf.Graph()
-    with graph.as_default():
-        images = tf.compat.v1.placeholder(tf.float32, (2, 8, 8, 3))   # fed: a constant would be folded away
-        features = tf.nn.relu(tf.nn.conv2d(images, tf.ones((3, 3, 3, 4)), 1, "SAME"))
-        logits = tf.matmul(tf.reshape(features, (2, -1)), tf.ones((8 * 8 * 4, 3)))
-    config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
-        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
-    config.graph_options.rewrite_options.disable_meta_optimizer = not grappler
-    metadata = tf.compat.v1.RunMetadata()
-    with tf.compat.v1.Session(graph=graph, config=config) as session:
-        session.run(logits, {images: [[[[1.0] * 3] * 8] * 8] * 2},
-                    options=tf.compat.v1.RunOptions(output_partition_graphs=True), run_metadata=metadata)
-    return {(node.op, tf.dtypes.as_dtype(node.attr["T"].type).name if "T" in node.attr else "")
-            for partition in metadata.partition_graphs for node in partition.node}
 
 
 def peak(ns: Any, n: int, calls: int, rounds: int = 3) -> dict:

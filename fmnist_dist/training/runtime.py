@@ -151,7 +151,29 @@ def detect_environment(hvd: Any, threads: int, itex: dict, precision: dict, node
 
 
 def onednn_enabled() -> bool:
-    """TF 2.15 on x86 enables oneDNN unless TF_ENABLE_ONEDNN_OPTS is 0/false."""
-    from tensorflow.python.util import _pywrap_util_port
+    """Whether TensorFlow runs oneDNN kernels, seen in the ops it executes (with grappler off, so that
+    ITEX's rewrite does not hide them). Not IsMklEnabled: TensorFlow reads TF_ENABLE_ONEDNN_OPTS once,
+    as it loads, and that binding reads the variable again at its first call, so it reports a change
+    made after the import that never took effect."""
+    return any(op.startswith("_Mkl") for op, _ in executed_ops(grappler=False))
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+
+def executed_ops(grappler: bool) -> set[tuple[str, str]]:
+    """(op, its T dtype or "") of each node TensorFlow executes for relu(conv2d) then matmul, after
+    its rewrites; grappler=False leaves grappler, and the plugins' optimizers with it, out."""
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, (2, 8, 8, 3))   # fed: a constant would be folded away
+        features = tf.nn.relu(tf.nn.conv2d(images, tf.ones((3, 3, 3, 4)), 1, "SAME"))
+        logits = tf.matmul(tf.reshape(features, (2, -1)), tf.ones((8 * 8 * 4, 3)))
+    config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_parallelism_threads=tf.config.threading.get_inter_op_parallelism_threads())
+    config.graph_options.rewrite_options.disable_meta_optimizer = not grappler
+    metadata = tf.compat.v1.RunMetadata()
+    with tf.compat.v1.Session(graph=graph, config=config) as session:
+        session.run(logits, {images: [[[[1.0] * 3] * 8] * 8] * 2},
+                    options=tf.compat.v1.RunOptions(output_partition_graphs=True), run_metadata=metadata)
+    return {(node.op, tf.dtypes.as_dtype(node.attr["T"].type).name if "T" in node.attr else "")
+            for partition in metadata.partition_graphs for node in partition.node}
+
