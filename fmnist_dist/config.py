@@ -106,7 +106,12 @@ SCHEMA: dict[str, Field] = {
     "train.weight_decay": Field(0.0, float, "weight decay (adamw, sgd: decoupled; lamb: within the layer-wise step)", min=0.0),
     "train.label_smoothing": Field(0.1, float, "label smoothing", min=0.0, max=0.5),
     "train.augment_flip": Field(True, bool, "random horizontal flips"),
+    "train.alternate_flips": Field(False, bool, "with train.augment_flip: a coin per image decides whether it is "
+                                   "mirrored in the first epoch, and each later epoch shows it the other way "
+                                   "round, instead of a fresh coin every epoch"),
     "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),
+    "train.bn_bias_lr": Field(1.0, float, "the learning rate of batch norm's shifts (beta) as a multiple of "
+                              "the other weights' (Adam, AdamW, LAMB and SGD alike)", min=0.0),
     "train.eval_flip": Field(True, bool, "evaluate (validation and test) on each image and its mirror image, "
                              "averaging the logits; the report also gives the one-view test accuracy. Only "
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),
@@ -187,6 +192,11 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     for item in overrides:
         key, value = _parse_override(item)
         _apply(cfg, key, value, f"--set {item}")
+    if cfg["train"]["alternate_flips"] and not cfg["train"]["augment_flip"]:
+        source = " and ".join([path] * bool(path) + ["--set"] * bool(overrides)) or "config"
+        raise ConfigError(f"{source}: train.alternate_flips is true but train.augment_flip is false; alternate "
+                          "flips only change how images are mirrored: set train.augment_flip: true, or drop "
+                          "train.alternate_flips")
     return cfg
 
 

@@ -439,6 +439,15 @@ def epoch_order(train_idx: np.ndarray, epoch: int, seed: int) -> np.ndarray:
     return np.asarray(train_idx)[perm]
 
 
+def alternating_flips(shard: np.ndarray, n_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """Which of the shard's examples are mirrored in this (1-based) epoch: a coin per example, fixed by
+    the seed, decides the first epoch, and each later epoch flips the previous one, so any two
+    consecutive epochs show every image both ways. A function of the example, not of the rank or
+    position: a resumed or resized run mirrors the same images."""
+    first = np.random.default_rng(_seed_words(seed, _FLIP_STREAM)).random(n_examples) < 0.5
+    return first[np.asarray(shard)] ^ bool((epoch - 1) % 2)
+
+
 def epoch_shard(train_idx: np.ndarray, epoch: int, seed: int, rank: int, world_size: int,
                 batch_size: int, start: int = 0, max_steps: int | None = None) -> np.ndarray:
     """This rank's examples for the epoch, in step order.
@@ -461,10 +470,10 @@ def epoch_shard(train_idx: np.ndarray, epoch: int, seed: int, rank: int, world_s
     return batches[:, rank, :].reshape(-1)
 
 
-# Separate random streams for the split and the shuffles. Without the stream word, [seed] and
-# [seed, 0] would seed identical generators (SeedSequence pads with zeros), so epoch 0's shuffle
+# Separate random streams for the split, the shuffles and the flips. Without the stream word, [seed]
+# and [seed, 0] would seed identical generators (SeedSequence pads with zeros), so epoch 0's shuffle
 # would repeat the split's permutation.
-_SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1
+_SPLIT_STREAM, _SHUFFLE_STREAM, _FLIP_STREAM = 0, 1, 2
 
 
 def _seed_words(*values: int) -> list[int]:

@@ -354,3 +354,13 @@ def test_the_shape_walk_is_what_keras_builds(keras_builds, name):
 @pytest.mark.parametrize("text", [text for text, _ in REFUSED_STACKS])
 def test_stacks_the_walk_refuses_keras_refuses_too(keras_builds, text):
     assert "refused" in keras_builds[f"refused {text}"], f"Keras built {text}, which the config refuses"
+
+
+def test_alternate_flips_without_flips_is_refused_naming_both_keys_and_where(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  alternate_flips: true\n")
+    assert config.load(str(path))["train"]["alternate_flips"] is True          # flips are on by default
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(path), ["train.augment_flip=false"])
+    assert str(e.value).startswith(f"{path} and --set: train.alternate_flips is true but train.augment_flip "
+                                   "is false")

@@ -649,3 +649,21 @@ def test_shuffles_do_not_repeat_the_split():
 def test_epoch_shard_bad_rank():
     with pytest.raises(data.DataError, match=r"rank 2 is outside 0\.\.1"):
         data.epoch_shard(np.arange(100), 1, 0, 2, 2, 10)
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs_whatever_the_ranks():
+    train_idx, _ = data.split_train_val(6000, 1000, seed=5)
+    n = 6000
+    for epoch in (1, 2, 3):
+        # The mask is the example's, not the rank's: two ranks' shards together mirror exactly what
+        # one rank mirrors over the same examples.
+        one = dict(zip(data.epoch_shard(train_idx, epoch, 5, 0, 1, 500),
+                       data.alternating_flips(data.epoch_shard(train_idx, epoch, 5, 0, 1, 500), n, 5, epoch)))
+        for rank in (0, 1):
+            shard = data.epoch_shard(train_idx, epoch, 5, rank, 2, 250)
+            assert all(one[i] == m for i, m in zip(shard, data.alternating_flips(shard, n, 5, epoch)))
+    idx = np.arange(n)
+    first, second, third = (data.alternating_flips(idx, n, 5, e) for e in (1, 2, 3))
+    assert np.array_equal(first, ~second) and np.array_equal(first, third)
+    assert 0.45 < first.mean() < 0.55
+    assert not np.array_equal(first, data.alternating_flips(idx, n, 6, 1)), "the coins follow the seed"

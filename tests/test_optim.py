@@ -78,3 +78,29 @@ def test_the_linear_schedule_decays_to_zero_after_the_warm_up_and_survives_the_r
     assert optim.WarmupSchedule.from_config(schedule.get_config()).linear is True
     t = train_section(schedule="linear")
     assert optim.lr_schedule(t, plan_batches(vars(t), 1), steps_per_epoch=10).linear is True
+
+
+@pytest.mark.parametrize("make", [lambda s, k: optim.Adam(s, bn_bias_lr=k), lambda s, k: optim.SGD(s, bn_bias_lr=k),
+                                  lambda s, k: optim.Lamb(s, bn_bias_lr=k), lambda s, k: optim.AdamW(s, bn_bias_lr=k)],
+                         ids=["adam", "sgd", "lamb", "adamw"])
+def test_bn_bias_lr_multiplies_the_step_of_batch_norms_shift_and_of_nothing_else(make):
+    """The same model and gradients with train.bn_bias_lr 1 and 3: only the batch norm's beta moves
+    three times as far; its scale (gamma) and the dense layer's bias move as before."""
+    def steps(k: float) -> dict:
+        tf.keras.utils.set_random_seed(0)
+        model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(4),
+                                     tf.keras.layers.BatchNormalization()])
+        before = {v.name: v.numpy().copy() for v in model.trainable_variables}
+        opt = make(0.01, k)
+        rebuilt = type(opt).from_config(opt.get_config())          # as hvd.DistributedOptimizer does
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(tf.ones((8, 3)), training=True) * tf.constant([1.0, -2.0, 3.0, 0.5]))
+        grads = tape.gradient(loss, model.trainable_variables)
+        rebuilt.apply_gradients(zip(grads, model.trainable_variables))
+        return {v.name.split("/", 1)[1]: v.numpy() - before[v.name] for v in model.trainable_variables}
+    plain, faster = steps(1.0), steps(3.0)
+    assert set(plain) == {"kernel:0", "bias:0", "gamma:0", "beta:0"}
+    assert np.abs(plain["beta:0"]).max() > 0
+    np.testing.assert_allclose(faster["beta:0"], 3 * plain["beta:0"], rtol=1e-5)
+    for name in ("kernel:0", "bias:0", "gamma:0"):
+        np.testing.assert_allclose(faster[name], plain[name], rtol=1e-6)

@@ -242,8 +242,10 @@ def fit_chunk(run: Run, epoch: int) -> None:
     t_data = time.perf_counter()
     shard = data_mod.epoch_shard(plan.train_idx, epoch, t.seed, rt.rank, plan.world, plan.batch,
                                  start=state.position, max_steps=steps_left)
+    mirrored = (data_mod.alternating_flips(shard, len(run.dataset.x_train), t.seed, epoch)
+                if t.augment_flip and t.alternate_flips else None)
     batches = make_batches(run.dataset.x_train[shard], run.dataset.y_train[shard], t, plan.batch, epoch, rt.rank,
-                           first_batch=state.position // per_step)
+                           first_batch=state.position // per_step, mirrored=mirrored)
     data_s = time.perf_counter() - t_data
     t_fit = time.perf_counter()
     history = run.model.fit(batches, initial_epoch=epoch - 1, epochs=epoch, steps_per_epoch=steps_left,

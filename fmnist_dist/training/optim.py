@@ -37,8 +37,49 @@ class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "cosine": self.cosine, "linear": self.linear}
 
 
+class BiasRate:
+    """Mixed into an optimizer: batch norm's shifts (beta) move by bn_bias_lr times the step the
+    optimizer computed for them. The step is scaled, not the gradient: Adam's step does not change
+    when its gradient is scaled."""
+
+    def __init__(self, *args, bn_bias_lr: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bn_bias_lr = bn_bias_lr
+
+    def update_step(self, gradient, variable):
+        if self.bn_bias_lr == 1.0 or not is_bn_shift(variable):
+            return super().update_step(gradient, variable)
+        before = tf.identity(variable)
+        super().update_step(gradient, variable)
+        variable.assign(before + (variable - before) * tf.cast(self.bn_bias_lr, variable.dtype))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "bn_bias_lr": self.bn_bias_lr}
+
+
+def is_bn_shift(variable: tf.Variable) -> bool:
+    """Keras names a BatchNormalization layer's shift `batch_normalization.../beta:0`."""
+    layer, _, name = variable.name.rpartition("/")
+    return name.startswith("beta") and "batch_normalization" in layer
+
+
 @tf.keras.utils.register_keras_serializable("fmnist_dist")
-class Lamb(tf.keras.optimizers.Adam):
+class Adam(BiasRate, tf.keras.optimizers.Adam):
+    pass
+
+
+@tf.keras.utils.register_keras_serializable("fmnist_dist")
+class AdamW(BiasRate, tf.keras.optimizers.AdamW):
+    pass
+
+
+@tf.keras.utils.register_keras_serializable("fmnist_dist")
+class SGD(BiasRate, tf.keras.optimizers.SGD):
+    pass
+
+
+@tf.keras.utils.register_keras_serializable("fmnist_dist")
+class Lamb(BiasRate, tf.keras.optimizers.Adam):
     """Adam with a layer-wise trust ratio (You et al., 2020): each variable moves by the learning rate
     times its own norm, in the direction of Adam's step, so no layer takes a step out of proportion to
     its weights when a large global batch scales the rate up. Weight decay, if any, is part of the step."""
@@ -62,6 +103,8 @@ class Lamb(tf.keras.optimizers.Adam):
             update += self.lamb_weight_decay * variable
         w_norm, u_norm = tf.norm(variable), tf.norm(update)
         ratio = tf.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, tf.ones_like(w_norm))
+        if self.bn_bias_lr != 1.0 and is_bn_shift(variable):     # its own step: BiasRate's is not called
+            lr = lr * tf.cast(self.bn_bias_lr, dtype)
         variable.assign_sub(lr * ratio * update)
 
     def get_config(self) -> dict:
@@ -93,12 +136,11 @@ def recipe(t, batches: BatchPlan) -> dict:
 
 
 def make_optimizer(t, schedule: WarmupSchedule, batches: BatchPlan) -> tf.keras.optimizers.Optimizer:
-    name = optimizer_name(t, batches)
+    name, bias = optimizer_name(t, batches), {"bn_bias_lr": t.bn_bias_lr}
     if name == "lamb":
-        return Lamb(schedule, lamb_weight_decay=t.weight_decay)
+        return Lamb(schedule, lamb_weight_decay=t.weight_decay, **bias)
     if name == "adam":
-        return tf.keras.optimizers.Adam(schedule)
+        return Adam(schedule, **bias)
     if name == "adamw":
-        return tf.keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
-    return tf.keras.optimizers.SGD(schedule, momentum=t.momentum, nesterov=True,
-                                   weight_decay=t.weight_decay or None)
+        return AdamW(schedule, weight_decay=t.weight_decay, **bias)
+    return SGD(schedule, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay or None, **bias)

@@ -10,16 +10,20 @@ from ..data import NUM_CLASSES
 
 
 def make_batches(x: np.ndarray, y: np.ndarray, t: Any, batch_size: int, epoch: int, rank: int,
-                 first_batch: int = 0) -> tf.data.Dataset:
+                 first_batch: int = 0, mirrored: np.ndarray | None = None) -> tf.data.Dataset:
     """This rank's epoch as batches: uint8 -> float in [0, 1], one-hot labels, optional
-    flips/shifts drawn from a seed of (seed, epoch, rank, batch) so a run is reproducible."""
+    flips/shifts drawn from a seed of (seed, epoch, rank, batch) so a run is reproducible.
+    With `mirrored` (train.alternate_flips), those images are the flipped ones instead of a coin's."""
+    if mirrored is not None:
+        x = x.copy()
+        x[mirrored] = x[mirrored][:, :, ::-1]
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size, drop_remainder=True).enumerate()
 
     def prepare(i, batch):
         images, labels = batch
         images = tf.cast(images[..., None], tf.float32) / 255.0
         seed = tf.stack([tf.cast(t.seed * 1_000_003 + epoch * 1009 + rank, tf.int64), i + first_batch])
-        if t.augment_flip:
+        if t.augment_flip and mirrored is None:
             images = tf.image.stateless_random_flip_left_right(images, seed)
         if t.augment_shift:
             images = random_shift(images, t.augment_shift, seed)
