@@ -115,6 +115,10 @@ SCHEMA: dict[str, Field] = {
     "train.eval_flip": Field(True, bool, "evaluate (validation and test) on each image and its mirror image, "
                              "averaging the logits; the report also gives the one-view test accuracy. Only "
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),
+    "train.eval_shift": Field(0, int, "also evaluate each test view moved by up to this many pixels in x and y "
+                              "(every offset: 9 positions for 1), averaging the logits; for a model trained "
+                              "with train.augment_shift. The per-epoch validation keeps train.eval_flip's "
+                              "views", min=0, max=2),
     "train.target_accuracy": Field(None, float, "stop once validation accuracy reaches this",
                                    min=0.0, max=1.0, nullable=True),
     # 2**32 - 1: the largest seed numpy (so tf.keras.utils.set_random_seed) accepts.

@@ -667,3 +667,11 @@ def test_alternating_flips_show_every_image_both_ways_in_two_epochs_whatever_the
     assert np.array_equal(first, ~second) and np.array_equal(first, third)
     assert 0.45 < first.mean() < 0.55
     assert not np.array_equal(first, data.alternating_flips(idx, n, 6, 1)), "the coins follow the seed"
+
+
+def test_evaluation_shifts_move_the_image_and_fill_with_zeros():
+    from fmnist_dist.training.pipeline import shifted     # imports TensorFlow: here, not at the top
+    image = np.arange(1, 10, dtype=np.uint8).reshape(1, 3, 3)
+    assert shifted(image, 1, 0)[0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6]]
+    assert shifted(image, 0, -1)[0].tolist() == [[2, 3, 0], [5, 6, 0], [8, 9, 0]]
+    assert shifted(image, 0, 0).tolist() == image.tolist()

@@ -100,17 +100,18 @@ def test_mpirun_two_ranks(tmp_path):
 
 
 def test_single_process(tmp_path):
-    """One process, no launcher; trained with flips and evaluated on each image and its mirror
-    image (train.eval_flip)."""
+    """One process, no launcher; trained with flips and shifts and evaluated on each image and its
+    mirror image, each at every offset of one pixel (train.eval_flip, train.eval_shift: 18 views)."""
     run_dir = tmp_path / "run"
-    proc = run(train_cmd(run_dir, "--set", "train.augment_flip=true", "--set", "train.eval_flip=true"))
+    proc = run(train_cmd(run_dir, "--set", "train.augment_flip=true", "--set", "train.eval_flip=true",
+                         "--set", "train.augment_shift=1", "--set", "train.eval_shift=1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = load(run_dir)
     check_report(report, ranks=1)
     res = report["results"]
-    assert res["eval_flip"] is True
-    assert (f"the images alone: test accuracy {100 * res['test_accuracy_one_view']:.2f}%"
-            in proc.stdout)
+    assert res["eval_flip"] is True and res["eval_shift"] == 1
+    assert ("each image and its mirror image (train.eval_flip), each moved by up to 1 pixel(s) (train.eval_shift); "
+            f"the images alone: test accuracy {100 * res['test_accuracy_one_view']:.2f}%" in proc.stdout)
     assert report["environment"]["intra_op_threads"] == len(os.sched_getaffinity(0))
 
 

@@ -48,8 +48,11 @@ def summary_lines(report: dict) -> list[str]:
     scale_warning = ((report["data"].get("scaling") or {}).get("accuracy_basis") or {}).get("warning")
     if scale_warning:
         lines.append(f"  warning: {scale_warning}")
-    if res.get("eval_flip"):
-        lines.append(f"  evaluated on each image and its mirror image (train.eval_flip); the images alone: "
+    if res.get("eval_flip") or res.get("eval_shift"):
+        views = (["each image and its mirror image (train.eval_flip)"] if res.get("eval_flip") else ["each image"])
+        if res.get("eval_shift"):
+            views.append(f"each moved by up to {res['eval_shift']} pixel(s) (train.eval_shift)")
+        lines.append(f"  evaluated on {', '.join(views)}; the images alone: "
                      f"test accuracy {_pct(res.get('test_accuracy_one_view'))}")
     if res.get("target_accuracy") is not None:
         lines.append(f"  target {_pct(res['target_accuracy'])}: "

@@ -287,6 +287,7 @@ class Results(TypedDict):
     test_total: int
     eval_flip: bool                     # logits averaged over each image and its mirror image
     test_accuracy_one_view: float       # the images alone; equals test_accuracy without eval_flip
+    eval_shift: NotRequired[int]        # and each view moved by up to this many pixels (reports since 2026-12-04)
     target_accuracy: float | None
     target_reached_epoch: int | None
     stopped_early: str | None

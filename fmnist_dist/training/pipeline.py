@@ -50,10 +50,11 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
 
 
 def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, rt: Any, batch_size: int,
-             flip: bool = False) -> dict:
+             flip: bool = False, shift: int = 0) -> dict:
     """Exact accuracy over all of x: each rank predicts a disjoint part, counts are summed.
-    With flip, the logits of each image and its mirror image are averaged; the accuracy of the
-    image alone is returned too (one_view_accuracy)."""
+    With flip, the logits of each image and its mirror image are averaged; with shift, also of each
+    of those moved by up to `shift` pixels in x and y (every offset). The accuracy of the image
+    alone is returned too (one_view_accuracy)."""
     if rt.size > 1:
         # The model evaluated is rank 0's, the one checkpoints keep: batch norm's moving statistics
         # are updated by each rank from its own batches, and another rank's would be lost on resume.
@@ -65,8 +66,14 @@ def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, rt: Any, batch
         logits = predict_logits(model, tf.constant(x[idx]))
         labels = y[idx].astype(np.int64)
         one_view_correct += int(np.sum(np.argmax(logits, axis=1) == labels))
-        if flip:
-            logits = (logits + predict_logits(model, tf.constant(np.ascontiguousarray(x[idx][:, :, ::-1])))) / 2
+        views = [x[idx]] + ([np.ascontiguousarray(x[idx][:, :, ::-1])] if flip else [])
+        offsets = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1) if dy or dx]
+        for view in views[1:]:
+            logits = logits + predict_logits(model, tf.constant(view))
+        for view in views:
+            for dy, dx in offsets:
+                logits = logits + predict_logits(model, tf.constant(shifted(view, dy, dx)))
+        logits = logits / (len(views) * (1 + len(offsets)))
         correct += int(np.sum(np.argmax(logits, axis=1) == labels))
         loss_sum += float(np.sum(tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
     # Horovod: every rank counted its own part; the sums are the exact totals over all of x.
@@ -75,6 +82,15 @@ def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, rt: Any, batch
     correct, one_view_correct, loss_sum, total = (float(v) for v in totals.numpy())
     return {"accuracy": correct / total, "one_view_accuracy": one_view_correct / total, "loss": loss_sum / total,
             "correct": int(correct), "total": int(total)}
+
+
+def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The images moved dy pixels down and dx right, zeros shifted in (as train.augment_shift does)."""
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        images[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
 
 
 def predict_logits(model: tf.keras.Model, images_uint8: tf.Tensor) -> np.ndarray:
