@@ -175,6 +175,11 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
     if basis is None:
         return {"global_batch": None, "mode": "weak", "reason": "no accuracy basis for this recipe: weak scaling, "
                 f"train.batch_size {train['batch_size']} per rank", "candidates": []}
+    measured_rank = basis["config"]["train"]["batch_size"]
+    if train["batch_size"] != measured_rank:       # a per-rank batch asked for: it wins, as global_batch_size does
+        return {"global_batch": None, "mode": "weak", "candidates": [],
+                "reason": f"train.batch_size {train['batch_size']} asked for (the {basis['recipe']} basis measured "
+                          f"ranks of {measured_rank}): weak scaling"}
     points = recipe_points(basis)
     lo, hi = points[0]["global_batch"], points[-1]["global_batch"]
     curves = (basis.get("throughput") or {}).get("precisions") or {}
@@ -204,9 +209,7 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
         weighed.append(row)
     usable = [r for r in weighed if "projected_s" in r]
     if not usable:
-        return {"global_batch": None, "mode": "weak", "candidates": weighed,
-                "reason": f"no global batch of the {basis['recipe']} basis reaches {target:.1%} on {ranks} ranks: "
-                          f"weak scaling, train.batch_size {train['batch_size']} per rank"}
+        return closest(weighed, ranks, weak, train["batch_size"], basis["recipe"], target)
     fastest = min(r["projected_s"] for r in usable)
     best = max((r for r in usable if r["projected_s"] <= fastest * (1 + TIE)),
                key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
@@ -222,3 +225,19 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
             "reason": f"{best['global_batch']} ({best['per_rank']} per rank, {split_words(best['per_rank'], train['batch_size'])}): expected "
                       f"{best['expected_accuracy']:.2%} (target {target:.1%}), projected {best['projected_s']:.0f} s "
                       f"for {best['epochs_trained']} epochs, the soonest of {len(usable)} that reach the target"}
+
+
+def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe: str, target: float) -> dict:
+    """No candidate reaches the target on these ranks: the one the basis expects the most of, rather
+    than weak scaling's larger (perhaps unmeasured) batch; weak scaling if the basis covers none."""
+    measured = [r for r in weighed if r["expected_accuracy"] is not None]
+    head = f"no global batch of the {recipe} basis reaches {target:.1%} on {ranks} ranks"
+    if not measured:
+        return {"global_batch": None, "mode": "weak", "candidates": weighed,
+                "reason": f"{head}: weak scaling, train.batch_size {batch_size} per rank"}
+    best = max(measured, key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
+    best.pop("rejected", None)
+    return {"global_batch": best["global_batch"], "mode": "weak" if best["global_batch"] == weak else "strong",
+            "candidates": weighed, "short_of_target": True,
+            "reason": f"{head}: {best['global_batch']} ({best['per_rank']} per rank, "
+                      f"{split_words(best['per_rank'], batch_size)}), the closest: expected {best['expected_accuracy']:.2%}"}

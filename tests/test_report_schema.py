@@ -192,9 +192,12 @@ def test_the_global_batch_choice_and_accuracy_basis_match_the_definition(ranks):
                conformance(basis.launch_check(cfg, choice["global_batch"]), report_mod.AccuracyBasis, "$.basis"),
                conformance(basis.launch_check(unbased, 512), report_mod.AccuracyBasis, "$.none"),
                conformance(scaling.choose(ranks, 1, {"batch_size": 64}, None, "fp32", 1, 55_000, 0.9),
-                           report_mod.Choice, "$.no_basis")]
+                           report_mod.Choice, "$.no_basis"),
+               conformance(scaling.choose(64, 32, vars(train), recipe_basis, "fp32", gradient_bytes, 55_000, 0.92),
+                           report_mod.Choice, "$.short")]    # 64 ranks split no batch that reaches 92%
     assert [p for c in checked for p in c.problems] == []
     assert "Choice.network" in checked[0].seen and "Candidate.projected_s" in checked[0].seen
+    assert "Choice.short_of_target" in checked[-1].seen
 
 
 # -- slow: real reports --------------------------------------------------------------------------

@@ -161,9 +161,9 @@ def test_auto_turns_to_strong_scaling_where_weak_would_lose_accuracy_and_says_wh
 
 
 def test_auto_calls_a_larger_batch_per_rank_what_it_is_not_strong_scaling():
-    c = choose(2, 1, a_basis({512: 0.925, 1024: 0.923}), batch_size=128)
+    c = choose(1, 1, a_basis({512: 0.925, 1024: 0.923}))
     assert c["global_batch"] == 512
-    assert "512 (256 per rank, larger than train.batch_size 128)" in c["reason"]
+    assert "512 (512 per rank, larger than train.batch_size 256)" in c["reason"]
 
 
 def test_auto_never_splits_below_the_smallest_rank_batch():
@@ -172,15 +172,30 @@ def test_auto_never_splits_below_the_smallest_rank_batch():
     assert c["global_batch"] in (1024, 2048)
 
 
-def test_auto_without_a_basis_or_without_a_reachable_batch_is_weak_scaling_and_says_so():
+def test_auto_without_a_basis_is_weak_scaling_and_says_so():
     c = choose(4, 2, None)
     assert c["global_batch"] is None and c["mode"] == "weak" and "no accuracy basis" in c["reason"]
-    c = choose(4, 2, a_basis({512: 0.90, 1024: 0.89}))
-    assert c["global_batch"] is None and "reaches 92.0%" in c["reason"]
     assert plan_batches(train(global_batch="auto"), 4, c["global_batch"]).global_batch == 1024
 
 
+def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_split_and_says_so():
+    c = choose(4, 2, a_basis({512: 0.90, 1024: 0.89}))      # weak scaling would be 1024, the less accurate
+    assert (c["global_batch"], c["mode"], c["short_of_target"]) == (512, "strong", True)
+    assert c["reason"].startswith("no global batch of the fast basis reaches 92.0% on 4 ranks: 512 (128 per rank, "
+                                  "strong scaling), the closest: expected 90.00%")
+    assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 1024] == ["expected 89.00% < target 92.0%"]
+    # 32 ranks cannot split 512 (16 per rank): the smallest they can, not weak scaling's unmeasured 8192
+    c = choose(32, 16, a_basis({512: 0.925, 1024: 0.915, 2048: 0.90}))
+    assert (c["global_batch"], c["short_of_target"]) == (1024, True)
+    # the basis measures none of the batches the ranks can split: weak scaling, said
+    c = choose(64, 32, a_basis({512: 0.925, 1024: 0.915}))
+    assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 64 ranks: weak scaling" in c["reason"]
+
+
 def test_explicit_batch_settings_win_over_auto():
+    c = choose(8, 4, a_basis({512: 0.925, 1024: 0.923, 2048: 0.91}), batch_size=64)   # not the basis's 256
+    assert (c["global_batch"], c["mode"]) == (None, "weak")
+    assert c["reason"] == "train.batch_size 64 asked for (the fast basis measured ranks of 256): weak scaling"
     assert plan_batches(train(global_batch=2048), 4, chosen=512).global_batch == 2048
     assert plan_batches(train(global_batch=None), 4, chosen=512).global_batch == 1024
     auto = plan_batches(train(global_batch="auto"), 8, chosen=1024)

@@ -152,10 +152,11 @@ class Candidate(TypedDict):
 
 class Choice(TypedDict):
     """train.global_batch_size=auto: the global batch taken, and why."""
-    global_batch: int | None            # None: no basis, or none reaches the target (weak scaling)
+    global_batch: int | None            # None: no basis, or it measured none of the candidates (weak scaling)
     mode: Literal["weak", "strong"]
     reason: str
     candidates: list[Candidate]
+    short_of_target: NotRequired[bool]  # none reaches the target: the one expected closest to it
     network: NotRequired[str | list[float]]     # train.interconnect, or [latency s, bandwidth B/s]
     precision: NotRequired[str | None]          # the throughput curve used (fp32 or bf16)
 
