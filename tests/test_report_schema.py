@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PYTHON, ROOT, cli, load, run
 from fmnist_dist import basis, config as config_mod, scaling
-from fmnist_dist.reporting import report as report_mod
+from fmnist_dist.reporting import report as report_mod, schema
 from fmnist_dist.timing.breakdown import split_record, step_statistics
 
 # Declared keys the runs below do not write, each with the test that sees it written. The check
@@ -149,11 +149,11 @@ def summaries() -> tuple[list[dict], dict]:
 
 def test_report_summaries_write_what_the_definition_declares():
     epochs, timing = summaries()
-    checked = [conformance(e, report_mod.Epoch, f"$.epochs[{i}]") for i, e in enumerate(epochs)]
-    checked.append(conformance(timing, report_mod.TimingSummary, "$.timing"))
+    checked = [conformance(e, schema.Epoch, f"$.epochs[{i}]") for i, e in enumerate(epochs)]
+    checked.append(conformance(timing, schema.TimingSummary, "$.timing"))
     assert [p for c in checked for p in c.problems] == []
     seen = set().union(*(c.seen for c in checked))
-    for built in (report_mod.Epoch, report_mod.TimingSummary, report_mod.HostTiming):
+    for built in (schema.Epoch, schema.TimingSummary, schema.HostTiming):
         never = {f"{built.__name__}.{key}" for key in get_type_hints(built)} - seen
         assert not never, f"declared but not written by report.py's summaries: {sorted(never)}"
 
@@ -161,14 +161,14 @@ def test_report_summaries_write_what_the_definition_declares():
 def test_the_check_finds_a_key_undeclared_missing_or_of_the_wrong_type():
     epochs, timing = summaries()
     written = {**timing, "command": "fmnist-dist train"}
-    assert conformance(written, report_mod.TimingSummary).problems == \
+    assert conformance(written, schema.TimingSummary).problems == \
         ["$.command: written but not declared in TimingSummary"]
     epoch = {k: v for k, v in epochs[0].items() if k != "images_per_s"}
     epoch["ranks"][0]["comm_method"] = "guess"
-    assert conformance(epoch, report_mod.Epoch).problems == [
+    assert conformance(epoch, schema.Epoch).problems == [
         "$.images_per_s: declared (required) in Epoch but not written",
         "$.ranks[0].comm_method: 'guess', expected one of ('probe', 'timeline', 'single')"]
-    partial = conformance({"results": {}, "timing": {"training_s": 1.0}}, report_mod.Report).problems
+    partial = conformance({"results": {}, "timing": {"training_s": 1.0}}, schema.Report).problems
     assert "$.timing.evaluation_s: declared (required) in Timing but not written" in partial, partial
     assert "$.run_id: declared (required) in Report but not written" in partial, partial
 
@@ -188,13 +188,13 @@ def test_the_global_batch_choice_and_accuracy_basis_match_the_definition(ranks):
     choice = scaling.choose(ranks, 1, vars(train), recipe_basis, "fp32", gradient_bytes, 55_000,
                             basis.target_of(cfg, recipe_basis))
     unbased = config_mod.load(str(ROOT / "configs/lean.yaml"), ["train.batch_size=64"])
-    checked = [conformance(choice, report_mod.Choice, "$.choice"),
-               conformance(basis.launch_check(cfg, choice["global_batch"]), report_mod.AccuracyBasis, "$.basis"),
-               conformance(basis.launch_check(unbased, 512), report_mod.AccuracyBasis, "$.none"),
+    checked = [conformance(choice, schema.Choice, "$.choice"),
+               conformance(basis.launch_check(cfg, choice["global_batch"]), schema.AccuracyBasis, "$.basis"),
+               conformance(basis.launch_check(unbased, 512), schema.AccuracyBasis, "$.none"),
                conformance(scaling.choose(ranks, 1, {"batch_size": 64}, None, "fp32", 1, 55_000, 0.9),
-                           report_mod.Choice, "$.no_basis"),
+                           schema.Choice, "$.no_basis"),
                conformance(scaling.choose(64, 32, vars(train), recipe_basis, "fp32", gradient_bytes, 55_000, 0.92),
-                           report_mod.Choice, "$.short")]    # 64 ranks split no batch that reaches 92%
+                           schema.Choice, "$.short")]    # 64 ranks split no batch that reaches 92%
     assert [p for c in checked for p in c.problems] == []
     assert "Choice.network" in checked[0].seen and "Candidate.projected_s" in checked[0].seen
     assert "Choice.short_of_target" in checked[-1].seen
@@ -225,10 +225,10 @@ def test_real_reports_write_exactly_what_the_definition_declares(reporting_runs,
     assert reports["auto, preempted, resumed"]["data"]["scaling"]["choice"]["candidates"], "no candidate weighed"
     seen: set[str] = set()
     for name, written in reports.items():
-        checked = conformance(written, report_mod.Report, f"{name}: $")
+        checked = conformance(written, schema.Report, f"{name}: $")
         assert checked.problems == [], "\n".join(checked.problems)
         seen |= checked.seen
-    never = declared_keys(report_mod.Report, leave_out=NOT_IN_THESE_RUNS) - seen
+    never = declared_keys(schema.Report, leave_out=NOT_IN_THESE_RUNS) - seen
     assert not never, f"declared in fmnist_dist/reporting/report.py but written by none of the runs: {sorted(never)}"
     stale = set(NOT_IN_THESE_RUNS) & seen
     assert not stale, f"written after all, take them out of NOT_IN_THESE_RUNS: {sorted(stale)}"

@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..errors import ReportWriteError, cause  # noqa: E402
 from ..files import TMP_PREFIX, unlink_quietly  # noqa: E402
 from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows  # noqa: E402
-from .report import Epoch, Report, rank_throughput  # noqa: E402
+from .report import rank_throughput  # noqa: E402
+from .schema import Epoch, Report  # noqa: E402
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows
+from .schema import Report
 
 RANK_COLUMNS = ("data_s", "step_s", "fit_s", "wait_s", "eval_s", "samples")
 
@@ -27,7 +28,7 @@ def batch_label(data: dict) -> str:
     return label + ")"
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(report: Report) -> list[str]:
     """The short end-of-run summary printed by rank 0 and by `report RUN_DIR`."""
     t, res, w, env = report["timing"], report.get("results", {}), report["world"], report["environment"]
     hosts = len(w["hosts"])
@@ -75,7 +76,7 @@ def precision_label(env: dict) -> str:
     return "bf16 (Keras)" if "bfloat16" in policy else {"float32": "fp32"}.get(policy, policy)
 
 
-def precision_lines(report: dict) -> list[str]:
+def precision_lines(report: Report) -> list[str]:
     """Why this precision: the decision and each host's CPU as the decision saw it."""
     env = report.get("environment") or {}
     decision = env.get("precision")
@@ -92,7 +93,7 @@ def precision_lines(report: dict) -> list[str]:
     return lines
 
 
-def choice_lines(report: dict) -> list[str]:
+def choice_lines(report: Report) -> list[str]:
     """train.global_batch_size=auto: each global batch weighed, and why it was taken or not."""
     choice = (report["data"].get("scaling") or {}).get("choice")
     if not choice:
@@ -112,7 +113,7 @@ def _section(title: str, lines: list[str]) -> list[str]:
     return [f"## {title}", "", *[f"    {line}" for line in lines], ""] if lines else []
 
 
-def _preflight_lines(report: dict) -> list[str]:
+def _preflight_lines(report: Report) -> list[str]:
     record = report.get("preflight")
     if not record:
         return []
@@ -122,7 +123,7 @@ def _preflight_lines(report: dict) -> list[str]:
             f"{1000 * record['clock_skew_s']:.1f} ms", *table(record["ranks"], record["clock_offsets_s"])]
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: Report) -> str:
     t, w = report["timing"], report["world"]
     lines = [f"# fmnist-dist run `{report['run_id']}`", "", *[f"    {s.strip()}" for s in summary_lines(report)], "",
              f"Start-up {_secs(t.get('startup_s'))}, data loading {_secs(t.get('data_load_s'))}, "
@@ -157,7 +158,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def breakdown_lines(report: dict) -> list[str]:
+def breakdown_lines(report: Report) -> list[str]:
     """Markdown lines: where the time went, per rank, with the method."""
     b = report.get("breakdown") or {}
     rows = breakdown_rows(report)
@@ -186,7 +187,7 @@ def breakdown_lines(report: dict) -> list[str]:
     return lines
 
 
-def share_line(report: dict) -> str | None:
+def share_line(report: Report) -> str | None:
     """One summary line: the shares of the time summed over ranks."""
     rows = breakdown_rows(report)
     total = sum(row.get("total_s", 0.0) for row in rows)

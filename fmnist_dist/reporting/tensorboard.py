@@ -6,7 +6,8 @@ import os
 import tensorflow as tf
 
 from ..errors import ReportWriteError, cause
-from .report import Epoch, Report, rank_throughput
+from .report import rank_throughput
+from .schema import Epoch, Report
 
 
 class TensorBoardWriter:

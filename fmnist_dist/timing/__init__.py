@@ -37,5 +37,5 @@ but waited for a core during fit, from /proc/self/task/*/schedstat), cpu_wait_sh
 (= cpu_wait_s / (cpu_s + cpu_wait_s): how oversubscribed the node was), loadavg (1-minute load at
 the end of fit) and checkpoint_s (the training loop adds the end-of-epoch checkpoint write to rank
 0's record; 0.0 on the other ranks).
-compute_s + comm_s + tracing_s = step_s. See reporting/report.py for the schema.
+compute_s + comm_s + tracing_s = step_s. See reporting/schema.py for the schema.
 """

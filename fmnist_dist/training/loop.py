@@ -24,6 +24,7 @@ from ..config import describe_layers
 from ..errors import CheckpointError, DivergenceError, FmnistError, ReportError, ReportWriteError, RunDirError
 from ..files import now_iso
 from ..reporting import report as report_mod
+from ..reporting.schema import SCHEMA, SCHEMA_VERSION, Report, Segment
 from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
@@ -205,8 +206,8 @@ class Run:
     model: Any
     optimizer: Any
     state: RunState
-    report: dict = field(default_factory=dict)
-    segment: dict = field(default_factory=dict)    # this start's record, the last of report["segments"]
+    report: Report = field(default_factory=dict)     # type: ignore[assignment]  (new_report fills it)
+    segment: Segment = field(default_factory=dict)   # type: ignore[assignment]  the last of its segments
     timing: Any = None
     control: Any = None
     timer: StepTimer = field(default_factory=StepTimer)
@@ -401,7 +402,8 @@ def write_final_report(run: Run, test: dict, test_eval_s: float, stop_reason: st
         "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"],
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "test_correct": test["correct"], "test_total": test["total"],
-        "eval_flip": run.ns.train.eval_flip, "eval_shift": run.ns.train.eval_shift, "test_accuracy_one_view": test["one_view_accuracy"],
+        "eval_flip": run.ns.train.eval_flip, "eval_shift": run.ns.train.eval_shift,
+        "test_accuracy_one_view": test["one_view_accuracy"],
         "target_accuracy": target,
         "target_reached_epoch": next((e["epoch"] for e in report["epochs"]
                                       if target is not None and e["val_accuracy"] >= target), None),
@@ -426,7 +428,8 @@ def write_final_report(run: Run, test: dict, test_eval_s: float, stop_reason: st
                                f"{os.path.join(run.run_dir, 'report.md')}") from None
 
 
-def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float) -> tuple[dict, dict]:
+def new_report(run: Run, started: str, resumed_from: str | None,
+               peak_lr: float) -> tuple[Report, Segment]:
     """The report as it starts (every rank builds it; rank 0 writes it) and this start's segment."""
     rt, ns, plan, state = run.rt, run.ns, run.plan, run.state
     first_shard = data_mod.epoch_shard(plan.train_idx, 1, ns.train.seed, rt.rank, plan.world, plan.batch,
@@ -441,7 +444,7 @@ def new_report(run: Run, started: str, resumed_from: str | None, peak_lr: float)
         announce_resume(rt, state, segment, resumed_from)
     model = run.model
     report = {
-        "schema": report_mod.SCHEMA, "schema_version": report_mod.SCHEMA_VERSION,
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "run_id": os.path.basename(os.path.abspath(run.run_dir)), "status": "running", "error": None,
         "started": state.segments[0]["started"] if state.segments else started, "finished": None,
         "config": run.cfg, "environment": rt.environment, "world": world,
@@ -513,7 +516,7 @@ def update_timing(run: Run, test_eval_s: float = 0.0) -> None:
     run.report["timing"] = timing
 
 
-def write_plots(report: dict, run_dir: str) -> None:
+def write_plots(report: Report, run_dir: str) -> None:
     """A plot file that cannot be written is an error (ReportWriteError, naming it and how to draw
     the plots again); a failure of the plotting itself is a warning: the report stands regardless."""
     try:
