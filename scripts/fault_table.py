@@ -1,8 +1,8 @@
-"""The README's fault table, from the fault log of a test run (one JSON line per handled fault,
+"""The fault table of docs/faults.md, from the fault log of a test run (one JSON line per handled fault,
 written by the tests when FMNIST_FAULT_LOG is set; a line exists only when its test passed).
 
     FMNIST_FAULT_LOG=runs/faults.jsonl make test
-    .venv/bin/python scripts/fault_table.py runs/faults.jsonl README.md
+    .venv/bin/python scripts/fault_table.py runs/faults.jsonl docs/faults.md
 
 Rows are grouped by fault. `hangs` counts records marked as a hang (a test fails on a hang, so its
 row would be missing instead). `lost epochs` is what the test recorded; where it recorded verified
@@ -67,5 +67,5 @@ def main(log: str, target: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: fault_table.py FAULT_LOG.jsonl README.md")
+        sys.exit("usage: fault_table.py FAULT_LOG.jsonl docs/faults.md")
     main(sys.argv[1], sys.argv[2])
