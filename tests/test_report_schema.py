@@ -22,6 +22,7 @@ from fmnist_dist.timing.breakdown import split_record, step_statistics
 NOT_IN_THESE_RUNS = {
     "Report.failure": "a run whose loss became NaN (tests/test_checkpoints.py)",
     "Segment.note": "a resume on another number of ranks (tests/test_resume.py)",
+    "Choice.short_of_target": "more ranks than split a batch that keeps the target (the choice above, 64 ranks)",
 }
 
 
@@ -229,6 +230,6 @@ def test_real_reports_write_exactly_what_the_definition_declares(reporting_runs,
         assert checked.problems == [], "\n".join(checked.problems)
         seen |= checked.seen
     never = declared_keys(schema.Report, leave_out=NOT_IN_THESE_RUNS) - seen
-    assert not never, f"declared in fmnist_dist/reporting/report.py but written by none of the runs: {sorted(never)}"
+    assert not never, f"declared in fmnist_dist/reporting/schema.py but written by none of the runs: {sorted(never)}"
     stale = set(NOT_IN_THESE_RUNS) & seen
     assert not stale, f"written after all, take them out of NOT_IN_THESE_RUNS: {sorted(stale)}"
