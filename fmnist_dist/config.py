@@ -71,6 +71,10 @@ SCHEMA: dict[str, Field] = {
     "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
                            min=100, max=50000),
     "model.layers": Field(DEFAULT_LAYERS, list, "layer list; a Dense(10) classifier is appended"),
+    "model.first_conv_init": Field("glorot", str, "how the first layer (a convolution) starts: glorot, or whiten: "
+                                   "filters that decorrelate the training images' patches, and their negatives "
+                                   "(the rest Glorot), computed from the same images on every rank",
+                                   choices=("glorot", "whiten")),
     "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),
@@ -197,8 +201,13 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     for item in overrides:
         key, value = _parse_override(item)
         _apply(cfg, key, value, f"--set {item}")
+    source = " and ".join([path] * bool(path) + ["--set"] * bool(overrides)) or "config"
+    first = next(iter(cfg["model"]["layers"]), {"type": "missing"})
+    if cfg["model"]["first_conv_init"] == "whiten" and first["type"] != "conv":
+        raise ConfigError(f"{source}: model.first_conv_init is whiten but model.layers[0] is {first['type']}; "
+                          "whitening sets the filters of a first convolution: put a conv layer first, or set "
+                          "model.first_conv_init: glorot")
     if cfg["train"]["alternate_flips"] and not cfg["train"]["augment_flip"]:
-        source = " and ".join([path] * bool(path) + ["--set"] * bool(overrides)) or "config"
         raise ConfigError(f"{source}: train.alternate_flips is true but train.augment_flip is false; alternate "
                           "flips only change how images are mirrored: set train.augment_flip: true, or drop "
                           "train.alternate_flips")

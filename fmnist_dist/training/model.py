@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from .optim import WarmupSchedule, lr_schedule, make_optimizer
@@ -12,14 +13,18 @@ from ..data import NUM_CLASSES
 from ..scaling import BatchPlan
 
 
-def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int,
-                      distributed: Callable | None = None) -> tuple[tf.keras.Model, Any, WarmupSchedule]:
+def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int, distributed: Callable | None = None,
+                      train_images: np.ndarray | None = None) -> tuple[tf.keras.Model, Any, WarmupSchedule]:
     """The model, its optimizer (wrapped by `distributed`, e.g. hvd.DistributedOptimizer) and the
-    learning-rate schedule, compiled and built: what training trains and the benchmark times."""
+    learning-rate schedule, compiled and built: what training trains and the benchmark times.
+    model.first_conv_init: whiten takes its statistics from `train_images` (the benchmark, timing
+    the same arithmetic, passes none and keeps the Glorot start)."""
     tf.keras.utils.set_random_seed(ns.train.seed)      # the same on every rank: the same initial weights
     if ns.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
+    if ns.model.first_conv_init == "whiten" and train_images is not None:
+        whiten_first_conv(model, train_images)
     schedule = lr_schedule(ns.train, batches, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule, batches)
     if distributed is not None:
@@ -71,6 +76,49 @@ def _make_layer(spec: dict, seed: int, ranks_per_process: int) -> tf.keras.layer
     if kind == "flatten":
         return tf.keras.layers.Flatten()
     raise ValueError(f"unknown layer type {kind!r}")  # config validation makes this unreachable
+
+
+# The whitening filters' largest weight. 1/sqrt(eigenvalue) alone sets the scale by the pixels' units;
+# scaled so, the layer starts near Glorot's range (+-0.47 for 3x3x1x16), where the layers after it
+# and the learning rate were tuned. Measured with this scale (docs/results.md).
+WHITEN_MAX_WEIGHT = 0.5
+# Images the patch statistics come from (the first of the training split), and every how-many-th patch.
+WHITEN_IMAGES, WHITEN_PATCH_STRIDE = 10_000, 7
+
+
+def whiten_first_conv(model: tf.keras.Model, train_images: np.ndarray) -> int:
+    """Start the first convolution as patch whitening (airbench's first layer): its k x k patches'
+    covariance C has eigenvectors v with eigenvalues e; filter v / sqrt(e) for the leading ones, and
+    its negative (ReLU keeps both signs), so the layer's outputs start decorrelated and of equal
+    variance. Filters beyond 2 k^2 keep their Glorot start; biases start at zero. Returns the number
+    of whitening filters. Deterministic in the images, so every rank computes the same weights."""
+    conv = model.layers[0]
+    if not isinstance(conv, tf.keras.layers.Conv2D):
+        raise ValueError(f"the first layer is {conv.name}, not a convolution")
+    kernel, bias = conv.get_weights()
+    kh, kw, channels, filters = kernel.shape
+    patches = _patches(train_images[:WHITEN_IMAGES], kh, kw)[::WHITEN_PATCH_STRIDE]
+    values, vectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    leading = np.argsort(values)[::-1][:min(filters // 2, kh * kw * channels)]
+    whitening = vectors[:, leading] / np.sqrt(values[leading] + 1e-3)
+    weights = np.concatenate([whitening, -whitening], axis=1)
+    weights *= WHITEN_MAX_WEIGHT / np.abs(weights).max()
+    n = weights.shape[1]
+    kernel[..., :n] = weights.reshape(kh, kw, channels, n)
+    bias[:n] = 0.0
+    conv.set_weights([kernel, bias])
+    return n
+
+
+def _patches(images: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """Every kh x kw patch inside the images (N, H, W, C) as rows of kh*kw*C values, in the order
+    of a Conv2D kernel's first three axes, scaled to [0, 1] as the input pipeline scales pixels."""
+    x = images.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        x = x[..., None]
+    _, h, w, c = x.shape
+    rows = [x[:, i:i + h - kh + 1, j:j + w - kw + 1, :] for i in range(kh) for j in range(kw)]
+    return np.stack(rows, axis=-2).reshape(-1, kh * kw * c)
 
 
 class SimulatedRanks(tf.keras.Sequential):

@@ -1,0 +1,78 @@
+"""model.first_conv_init: whiten (training/model.py): the first convolution starts as filters that
+decorrelate the real training images' patches. Real TensorFlow and the real data, no training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import require_module
+from test_data import real  # noqa: F401  (the module-scoped fixture: the real dataset, loaded once)
+from fmnist_dist import config as config_mod
+from fmnist_dist.errors import ConfigError
+from fmnist_dist.scaling import plan_batches
+
+tf = require_module("tensorflow")
+from fmnist_dist.training import model as model_mod  # noqa: E402  (after TensorFlow, as the training imports it)
+
+
+def build(config: str | None, *sets: str, train_images=None) -> tf.keras.Model:
+    ns = config_mod.namespace(config_mod.load(config, list(sets)))
+    model, _, _ = model_mod.build_and_compile(ns, plan_batches(ns.train, 1), 100, train_images=train_images)
+    return model
+
+
+def first_conv(model: tf.keras.Model) -> tuple[np.ndarray, np.ndarray]:
+    kernel, bias = model.layers[0].get_weights()
+    return kernel.reshape(-1, kernel.shape[-1]), bias
+
+
+def test_whitening_filters_decorrelate_the_patches_and_come_in_sign_pairs(real):
+    images = real.x_train[:20_000]
+    weights, bias = first_conv(build("configs/fast.yaml", "model.first_conv_init=whiten", train_images=images))
+    assert weights.shape == (9, 16)                      # 3x3x1 patches: 8 leading directions and their negatives
+    np.testing.assert_array_equal(weights[:, 8:], -weights[:, :8])
+    np.testing.assert_array_equal(bias, 0.0)
+    assert np.abs(weights).max() == pytest.approx(model_mod.WHITEN_MAX_WEIGHT)
+    # On patches of other images than those it was computed from, the 8 filters' outputs are uncorrelated.
+    outputs = model_mod._patches(real.x_train[-5_000:], 3, 3) @ weights[:, :8]
+    correlation = np.corrcoef(outputs, rowvar=False)
+    off_diagonal = correlation[~np.eye(8, dtype=bool)]
+    assert np.abs(off_diagonal).max() < 0.05, correlation.round(3)
+    # and the leading one carries the most variance (eigenvalues in falling order)
+    variances = np.diag(weights[:, :8].T @ np.cov(model_mod._patches(images[:2000], 3, 3), rowvar=False) @ weights[:, :8])
+    assert np.argmax(variances / np.linalg.norm(weights[:, :8], axis=0) ** 2) == 0
+
+
+def test_filters_beyond_twice_the_patch_size_keep_their_glorot_start(real):
+    images = real.x_train[:5_000]
+    glorot, glorot_bias = first_conv(build(None))                   # the default network: 32 filters
+    whitened, bias = first_conv(build(None, "model.first_conv_init=whiten", train_images=images))
+    assert whitened.shape == (9, 32)
+    np.testing.assert_array_equal(whitened[:, 9:18], -whitened[:, :9])   # all 9 directions of a 3x3 patch
+    np.testing.assert_array_equal(whitened[:, 18:], glorot[:, 18:])
+    np.testing.assert_array_equal(bias, glorot_bias)                        # Keras starts biases at zero
+    assert not np.allclose(whitened[:, :18], glorot[:, :18])
+
+
+def test_the_whitening_is_a_function_of_the_images_alone(real):
+    """Every rank computes it from the same training split: equal images, equal weights, any seed."""
+    images = real.x_train[:5_000]
+    one, _ = first_conv(build("configs/fast.yaml", "model.first_conv_init=whiten", "train.seed=1", train_images=images))
+    two, _ = first_conv(build("configs/fast.yaml", "model.first_conv_init=whiten", "train.seed=2", train_images=images))
+    np.testing.assert_array_equal(one, two)
+
+
+def test_glorot_ignores_the_images(real):
+    plain, _ = first_conv(build("configs/fast.yaml"))
+    given, _ = first_conv(build("configs/fast.yaml", train_images=real.x_train[:5_000]))
+    np.testing.assert_array_equal(plain, given)
+
+
+@pytest.mark.parametrize("layers, shown", [
+    ('[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}]', "model.layers[0] is maxpool"),
+    ("[]", "model.layers[0] is missing"),
+])
+def test_whitening_needs_a_convolution_first(layers, shown):
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(None, [f"model.layers={layers}", "model.first_conv_init=whiten"])
+    assert "--set: model.first_conv_init is whiten" in str(e.value) and shown in str(e.value)
