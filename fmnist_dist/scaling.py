@@ -228,8 +228,10 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
 
 
 def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe: str, target: float) -> dict:
-    """No candidate reaches the target on these ranks: the one the basis expects the most of, rather
-    than weak scaling's larger (perhaps unmeasured) batch; weak scaling if the basis covers none."""
+    """No candidate reaches the target with a measured time on these ranks: the one the basis expects
+    the most of, rather than weak scaling's larger (perhaps unmeasured) batch; weak scaling if the
+    basis covers none. Short of the target unless that one reaches it (its per-rank batch outside
+    the throughput curve)."""
     measured = [r for r in weighed if r["expected_accuracy"] is not None]
     head = f"no global batch of the {recipe} basis reaches {target:.1%} on {ranks} ranks"
     if not measured:
@@ -237,7 +239,12 @@ def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe:
                 "reason": f"{head}: weak scaling, train.batch_size {batch_size} per rank"}
     best = max(measured, key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
     best.pop("rejected", None)
+    short = best["expected_accuracy"] < target
+    if not short:
+        head = (f"no global batch of the {recipe} basis that reaches {target:.1%} on {ranks} ranks has a measured "
+                "throughput at its per-rank batch")
     return {"global_batch": best["global_batch"], "mode": "weak" if best["global_batch"] == weak else "strong",
-            "candidates": weighed, "short_of_target": True,
+            "candidates": weighed, **({"short_of_target": True} if short else {}),
             "reason": f"{head}: {best['global_batch']} ({best['per_rank']} per rank, "
-                      f"{split_words(best['per_rank'], batch_size)}), the closest: expected {best['expected_accuracy']:.2%}"}
+                      f"{split_words(best['per_rank'], batch_size)}), the {'closest' if short else 'most accurate'}: "
+                      f"expected {best['expected_accuracy']:.2%}"}

@@ -187,6 +187,11 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     # 32 ranks cannot split 512 (16 per rank): the smallest they can, not weak scaling's unmeasured 8192
     c = choose(32, 16, a_basis({512: 0.925, 1024: 0.915, 2048: 0.90}))
     assert (c["global_batch"], c["short_of_target"]) == (1024, True)
+    # a batch reaches the target, but its per-rank batch is beyond the throughput curve: taken, not "short"
+    c = choose(1, 1, a_basis({1024: 0.925, 2048: 0.91}))
+    assert c["global_batch"] == 1024 and "short_of_target" not in c
+    assert c["reason"].startswith("no global batch of the fast basis that reaches 92.0% on 1 ranks has a measured "
+                                  "throughput at its per-rank batch: 1024 (1024 per rank, ")
     # the basis measures none of the batches the ranks can split: weak scaling, said
     c = choose(64, 32, a_basis({512: 0.925, 1024: 0.915}))
     assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 64 ranks: weak scaling" in c["reason"]
