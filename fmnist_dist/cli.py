@@ -483,7 +483,8 @@ def cmd_race(args: argparse.Namespace) -> int:
         overrides += ["train.epochs=1", "train.steps_per_epoch=20"]
     settings = {"config": args.config, "overrides": overrides, "seeds": seeds, "target": args.target,
                 "np": args.np, "peer_max_epochs": 1 if args.quick else args.peer_max_epochs,
-                "peer_padding": args.peer_padding, "peer_steps": 20 if args.quick else None, "data_dir": args.data_dir, "timeout": args.timeout}
+                "peer_padding": args.peer_padding, "peer_steps": 20 if args.quick else None, "data_dir": args.data_dir,
+                "timeout": args.timeout}
     out = args.out or os.path.join("runs", f"race-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     result = run_race(settings, out)
     print()

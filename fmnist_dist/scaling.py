@@ -222,7 +222,8 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
     return {"global_batch": best["global_batch"], "mode": mode, "candidates": weighed,
             "network": network if isinstance(network, str) else list(network),
             "precision": precision if precision in curves else next(iter(curves), None),
-            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, {split_words(best['per_rank'], train['batch_size'])}): expected "
+            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, "
+                      f"{split_words(best['per_rank'], train['batch_size'])}): expected "
                       f"{best['expected_accuracy']:.2%} (target {target:.1%}), projected {best['projected_s']:.0f} s "
                       f"for {best['epochs_trained']} epochs, the soonest of {len(usable)} that reach the target"}
 

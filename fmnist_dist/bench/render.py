@@ -48,7 +48,8 @@ def text_table(result: dict) -> str:
              f"batch {result['settings']['batch_size']}/rank, {result['settings']['reps']} interleaved repetitions, "
              f"{result['settings']['warmup_steps']} warm-up + {result['settings']['steps']} timed steps per launch",
              _load_line(result), _peak_line(result), ""]
-    head = f"{'variant':24s} {'ranks':>5s} {'precision':>15s} {'images/s':>9s} {'spread':>7s} {'vs base':>8s} {'GFLOP/s':>8s} {'of peak':>8s}"
+    head = (f"{'variant':24s} {'ranks':>5s} {'precision':>15s} {'images/s':>9s} {'spread':>7s} {'vs base':>8s} "
+            f"{'GFLOP/s':>8s} {'of peak':>8s}")
     lines += [head, "-" * len(head)]
     for v in result["variants"]:
         lines.append(f"{v['name']:24s} {v['ranks']}x{v['threads_per_rank']:<3d} {v['precision']:>15s} "

@@ -204,8 +204,8 @@ def run_logged(cmd: list[str], log_path: str, timeout: float, extra_env: dict | 
         logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         logf.flush()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=with_mpi(child_env(), extra_env or {}), stdout=logf, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, env=with_mpi(child_env(), extra_env or {}), stdout=logf,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
             return f"killed after the {timeout:g} s timeout"
         except OSError as e:                 # the launcher is missing or not executable

@@ -216,7 +216,8 @@ def seed_summary(loaded: list[tuple[str, dict | None, str | None]], fmt: str = "
         seed = cfg.get("train", {}).pop("seed", None)
         row = row_for(path, report, None)
         res = report.get("results") or {}
-        one_view = res.get("test_accuracy_one_view") if res.get("eval_flip") or res.get("eval_shift") else res.get("test_accuracy")
+        several_views = res.get("eval_flip") or res.get("eval_shift")
+        one_view = res.get("test_accuracy_one_view") if several_views else res.get("test_accuracy")
         cpu = cpu_label(report.get("environment") or {})
         groups.setdefault((config_name(report), recipe_key(cfg), row["ranks"], cpu, row["precision"]), []).append(
             {**row, "seed": seed, "one_view": one_view})

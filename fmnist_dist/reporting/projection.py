@@ -267,8 +267,8 @@ def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
     points = basis_mod.recipe_points(b)
     curves = (b.get("throughput") or {}).get("precisions") or {}
     throughput = curves.get(base["precision"]) or next(iter(curves.values()), None)
-    train = {**(base["config"].get("train") or {}), "batch_size": base["config"].get("train", {}).get("batch_size", base["batch"]),
-             "interconnect": proj["comm"]["network"]["name"]}
+    given = base["config"].get("train") or {}
+    train = {**given, "batch_size": given.get("batch_size", base["batch"]), "interconnect": proj["comm"]["network"]["name"]}
     network = proj["comm"]["network"]
     for row in proj["rows"]:
         n, p = row["nodes"], row["ranks"]

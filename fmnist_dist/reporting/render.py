@@ -37,7 +37,8 @@ def summary_lines(report: Report) -> list[str]:
         f"fmnist-dist run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if report.get("error") else ""),
         f"  ranks {w['size']} on {hosts} host{'s' if hosts != 1 else ''} · {env.get('intra_op_threads')} threads/rank"
         f" · epochs {len(report['epochs'])} · {batch_label(report['data'])} · {prec}"
-        f" · ITEX {'on' if env.get('itex', {}).get('loaded') else 'off'} · oneDNN {'on' if env.get('onednn_enabled') else 'off'}",
+        f" · ITEX {'on' if env.get('itex', {}).get('loaded') else 'off'}"
+        f" · oneDNN {'on' if env.get('onednn_enabled') else 'off'}",
         f"  training time {_secs(t.get('training_s'))} · {t.get('images_per_s', 0):.0f} images/s"
         f" · test accuracy {_pct(res.get('test_accuracy'))}"
         + (f" ({res['test_correct']}/{res['test_total']})" if res.get("test_total") else "")
@@ -183,7 +184,8 @@ def breakdown_lines(report: Report) -> list[str]:
     lines += ["", "start-up: process start to the first step (per rank); data input: building the epoch's "
               "shard; compute and communication: the split of the time inside training steps; wait: at the "
               "epoch's end for the slowest rank; framework overhead: Keras fit outside steps (graph "
-              "tracing in the first step, callbacks, creating and tearing down the data iterator); evaluation: validation each epoch; checkpointing: writing checkpoints.", ""]
+              "tracing in the first step, callbacks, creating and tearing down the data iterator); evaluation: "
+              "validation each epoch; checkpointing: writing checkpoints.", ""]
     return lines
 
 

@@ -222,7 +222,8 @@ class Run:
 def restore(rt, run_dir: str, model, optimizer, cfg: dict, plan: EpochPlan, changes: dict) -> tuple[RunState, str]:
     """Rank 0 loads the newest usable checkpoint; every rank gets its state."""
     watchdog.mark("restore")
-    state, path = agree(rt, lambda: rundir.restore(run_dir, model, optimizer, cfg, tuple(changes)) if rt.rank == 0 else (None, None))
+    state, path = agree(rt, lambda: rundir.restore(run_dir, model, optimizer, cfg, tuple(changes)) if rt.rank == 0
+                        else (None, None))
     state, path = rt.hvd_tf.broadcast_object((state, path), root_rank=0)
     # The schedule counts steps of this world size (perhaps not the checkpoint's): continue at the
     # step of this epoch and position, not at examples seen / global batch (earlier epochs may have
