@@ -22,7 +22,7 @@ from fmnist_dist.timing.breakdown import split_record, step_statistics
 NOT_IN_THESE_RUNS = {
     "Report.failure": "a run whose loss became NaN (tests/test_checkpoints.py)",
     "Segment.note": "a resume on another number of ranks (tests/test_resume.py)",
-    "Choice.short_of_target": "more ranks than split a batch that keeps the target (the choice above, 64 ranks)",
+    "Choice.short_of_target": "more ranks than split a batch that keeps the target (the choice above, 128 ranks)",
 }
 
 
@@ -194,8 +194,8 @@ def test_the_global_batch_choice_and_accuracy_basis_match_the_definition(ranks):
                conformance(basis.launch_check(unbased, 512), schema.AccuracyBasis, "$.none"),
                conformance(scaling.choose(ranks, 1, {"batch_size": 64}, None, "fp32", 1, 55_000, 0.9),
                            schema.Choice, "$.no_basis"),
-               conformance(scaling.choose(64, 32, vars(train), recipe_basis, "fp32", gradient_bytes, 55_000, 0.92),
-                           schema.Choice, "$.short")]    # 64 ranks split no batch that reaches 92%
+               conformance(scaling.choose(128, 64, vars(train), recipe_basis, "fp32", gradient_bytes, 55_000, 0.92),
+                           schema.Choice, "$.short")]    # 128 ranks split no batch that reaches 92%
     assert [p for c in checked for p in c.problems] == []
     assert "Choice.network" in checked[0].seen and "Candidate.projected_s" in checked[0].seen
     assert "Choice.short_of_target" in checked[-1].seen

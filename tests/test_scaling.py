@@ -184,8 +184,8 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     assert c["reason"].startswith("no global batch of the fast basis reaches 92.0% on 4 ranks: 512 (128 per rank, "
                                   "strong scaling), the closest: expected 90.00%")
     assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 1024] == ["expected 89.00% < target 92.0%"]
-    # 32 ranks cannot split 512 (16 per rank): the smallest they can, not weak scaling's unmeasured 8192
-    c = choose(32, 16, a_basis({512: 0.925, 1024: 0.915, 2048: 0.90}))
+    # 64 ranks cannot split 512 (8 per rank): the smallest they can, not weak scaling's unmeasured 16384
+    c = choose(64, 32, a_basis({512: 0.925, 1024: 0.915, 2048: 0.90}))
     assert (c["global_batch"], c["short_of_target"]) == (1024, True)
     # a batch reaches the target, but its per-rank batch is beyond the throughput curve: taken, not "short"
     c = choose(1, 1, a_basis({1024: 0.925, 2048: 0.91}))
@@ -193,8 +193,8 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     assert c["reason"].startswith("no global batch of the fast basis that reaches 92.0% on 1 ranks has a measured "
                                   "throughput at its per-rank batch: 1024 (1024 per rank, ")
     # the basis measures none of the batches the ranks can split: weak scaling, said
-    c = choose(64, 32, a_basis({512: 0.925, 1024: 0.915}))
-    assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 64 ranks: weak scaling" in c["reason"]
+    c = choose(128, 64, a_basis({512: 0.925, 1024: 0.915}))
+    assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 128 ranks: weak scaling" in c["reason"]
 
 
 def test_explicit_batch_settings_win_over_auto():
