@@ -63,9 +63,19 @@ def test_the_whitening_is_a_function_of_the_images_alone(real):
 
 
 def test_glorot_ignores_the_images(real):
-    plain, _ = first_conv(build("configs/fast.yaml"))
-    given, _ = first_conv(build("configs/fast.yaml", train_images=real.x_train[:5_000]))
+    plain, _ = first_conv(build("configs/fast.yaml", "model.first_conv_init=glorot"))
+    given, _ = first_conv(build("configs/fast.yaml", "model.first_conv_init=glorot", train_images=real.x_train[:5_000]))
     np.testing.assert_array_equal(plain, given)
+
+
+def test_only_a_whitening_run_takes_images_and_only_those_it_reads(real):
+    train_idx = np.arange(len(real.x_train))[::-1]
+    glorot = config_mod.namespace(config_mod.load("configs/fast.yaml", ["model.first_conv_init=glorot"]))
+    assert model_mod.whitening_images(glorot, real.x_train, train_idx) is None
+    whiten = config_mod.namespace(config_mod.load("configs/fast.yaml", ["model.first_conv_init=whiten"]))
+    images = model_mod.whitening_images(whiten, real.x_train, train_idx)
+    assert len(images) == model_mod.WHITEN_IMAGES
+    np.testing.assert_array_equal(images, real.x_train[train_idx[:model_mod.WHITEN_IMAGES]])
 
 
 @pytest.mark.parametrize("layers, shown", [

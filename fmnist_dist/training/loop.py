@@ -30,7 +30,7 @@ from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
 from . import checkpoint, optim, rundir, runtime, watchdog
 from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
-from .model import build_and_compile, flops_per_image
+from .model import build_and_compile, flops_per_image, whitening_images
 from .pipeline import evaluate, make_batches
 from .rundir import RunState
 
@@ -72,7 +72,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
     #    DistributedOptimizer averages the gradients of all ranks at every step.
     model, optimizer, schedule = build_and_compile(ns, plan.batches, plan.steps, rt.hvd.DistributedOptimizer,
-                                                   train_images=dataset.x_train[plan.train_idx])
+                                                   train_images=whitening_images(ns, dataset.x_train, plan.train_idx))
 
     # 4. State: fresh, or rank 0's newest checkpoint. [hvd] weights and optimizer state are
     #    broadcast from rank 0 before the first step, so every rank starts from the same point.

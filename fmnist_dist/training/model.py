@@ -86,12 +86,20 @@ WHITEN_MAX_WEIGHT = 0.5
 WHITEN_IMAGES, WHITEN_PATCH_STRIDE = 10_000, 7
 
 
-def whiten_first_conv(model: tf.keras.Model, train_images: np.ndarray) -> int:
+def whitening_images(ns: Any, x_train: np.ndarray, train_idx: np.ndarray) -> np.ndarray | None:
+    """The training images whitening reads (the first WHITEN_IMAGES of the training split), or None
+    when model.first_conv_init does not whiten: no copy of the split for a run that does not."""
+    if ns.model.first_conv_init != "whiten":
+        return None
+    return x_train[train_idx[:WHITEN_IMAGES]]
+
+
+def whiten_first_conv(model: tf.keras.Model, train_images: np.ndarray) -> None:
     """Start the first convolution as patch whitening (airbench's first layer): its k x k patches'
     covariance C has eigenvectors v with eigenvalues e; filter v / sqrt(e) for the leading ones, and
     its negative (ReLU keeps both signs), so the layer's outputs start decorrelated and of equal
-    variance. Filters beyond 2 k^2 keep their Glorot start; biases start at zero. Returns the number
-    of whitening filters. Deterministic in the images, so every rank computes the same weights."""
+    variance. Filters beyond 2 k^2 keep their Glorot start; biases start at zero. Deterministic in
+    the images, so every rank computes the same weights."""
     conv = model.layers[0]
     if not isinstance(conv, tf.keras.layers.Conv2D):
         raise ValueError(f"the first layer is {conv.name}, not a convolution")
@@ -107,7 +115,6 @@ def whiten_first_conv(model: tf.keras.Model, train_images: np.ndarray) -> int:
     kernel[..., :n] = weights.reshape(kh, kw, channels, n)
     bias[:n] = 0.0
     conv.set_weights([kernel, bias])
-    return n
 
 
 def _patches(images: np.ndarray, kh: int, kw: int) -> np.ndarray:
