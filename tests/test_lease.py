@@ -160,3 +160,19 @@ def test_a_writer_that_cannot_renew_its_lease_says_so_once_and_stops_before_writ
                             f"this run stops before its next write"], proc.stderr
     finally:
         shutil.rmtree(base)
+
+
+def test_the_report_after_a_checkpoint_is_not_written_once_the_lease_is_lost(tmp_path):
+    """Rank 0 writes a checkpoint, then the report: a takeover between the two stops the report too."""
+    from fmnist_dist.training import rundir
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lease.hold(str(run_dir))
+    try:
+        owner = json.loads((run_dir / lease.LEASE_FILE).read_text())
+        (run_dir / lease.LEASE_FILE).write_text(json.dumps({**owner, "host": "node-elsewhere", "token": "theirs"}))
+        with pytest.raises(RunDirError, match="this run lost its writer lease .* to host node-elsewhere"):
+            rundir.write_report(str(run_dir), {"status": "running"})
+        assert not any(run_dir.glob("report*")) and not (run_dir / "epochs.csv").exists()
+    finally:
+        lease.release_held()

@@ -150,7 +150,10 @@ class StallRecord:
         if self.run is not None:
             self.run.segment.update(end="stalled", ended=now_iso(), reason=line)
             self.run.report.update(status="failed", error=line, finished=now_iso())
-            report_mod.write_report(self.run_dir, self.run.report)
+            try:
+                rundir.write_report(self.run_dir, self.run.report)
+            except RunDirError as e:
+                print(f"fmnist-dist: warning: the stall is not recorded in the report: {e}", file=sys.stderr, flush=True)
         lease.release_held()
 
 
@@ -341,7 +344,7 @@ def save(run: Run, status: str) -> None:
         update_timing(run)
         if run.tensorboard is not None:
             run.tensorboard.check()                           # the epoch's scalars, written by end_epoch
-        report_mod.write_report(run.run_dir, run.report)
+        rundir.write_report(run.run_dir, run.report)
     agree(run.rt, write)
 
 
@@ -370,8 +373,8 @@ def report_failure(run: Run, error: Exception) -> Exception:
     run.segment.update(end="failed", ended=now_iso(), reason=str(error))
     run.report.update(status="failed", error=f"{type(error).__name__}: {error}", finished=now_iso())
     try:
-        report_mod.write_report(run.run_dir, run.report)
-    except ReportError as e:
+        rundir.write_report(run.run_dir, run.report)
+    except (ReportError, RunDirError) as e:
         print(f"fmnist-dist: warning: the report of this failure could not be written: {e}", file=sys.stderr,
               flush=True)
     return error
@@ -419,7 +422,7 @@ def write_final_report(run: Run, test: dict, test_eval_s: float, stop_reason: st
     if run.ns.report.tensorboard:
         run.tensorboard = run.tensorboard or TensorBoardWriter(run.run_dir)
         run.tensorboard.final(report)
-    report_mod.write_report(run.run_dir, report)
+    rundir.write_report(run.run_dir, report)
     try:
         if run.tensorboard is not None:
             run.tensorboard.check()

@@ -163,3 +163,10 @@ def save(run_dir: str, model, optimizer, state: RunState, cfg: dict, world_size:
     run directory's lease)."""
     lease.check_held()
     checkpoint.save(run_dir, model, optimizer, {**asdict(state), "config": cfg, "world_size": world_size}, keep)
+
+
+def write_report(run_dir: str, report: dict) -> None:
+    """Rank 0: the report (if it still holds the run directory's lease; it may have been lost since
+    the checkpoint just written)."""
+    lease.check_held()
+    report_mod.write_report(run_dir, report)
