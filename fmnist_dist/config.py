@@ -34,6 +34,7 @@ class Field:
     max: float | None = None
     nullable: bool = False
     words: tuple = ()       # strings a numeric key also takes (e.g. "auto")
+    before: Any = None      # a changed default's old value: what reports written before the change ran with
 
 
 # Layer types are the seed study's set (conv, ReLU, pooling, dense, dropout) plus batch norm and
@@ -71,10 +72,11 @@ SCHEMA: dict[str, Field] = {
     "data.val_size": Field(5000, int, "validation images held out of the 60,000 training images",
                            min=100, max=50000),
     "model.layers": Field(DEFAULT_LAYERS, list, "layer list; a Dense(10) classifier is appended"),
-    "model.first_conv_init": Field("glorot", str, "how the first layer (a convolution) starts: glorot, or whiten: "
+    "model.first_conv_init": Field("whiten", str, "how the first layer (a convolution) starts: glorot, or whiten: "
                                    "filters that decorrelate the training images' patches, and their negatives "
-                                   "(the rest Glorot), computed from the same images on every rank",
-                                   choices=("glorot", "whiten")),
+                                   "(the rest Glorot), computed from the same images on every rank. Left at its "
+                                   "default, a network that does not start with a convolution gets glorot",
+                                   choices=("glorot", "whiten"), before="glorot"),
     "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),
@@ -111,12 +113,13 @@ SCHEMA: dict[str, Field] = {
     "train.weight_decay": Field(0.0, float, "weight decay (adamw, sgd: decoupled; lamb: within the layer-wise step)", min=0.0),
     "train.label_smoothing": Field(0.1, float, "label smoothing", min=0.0, max=0.5),
     "train.augment_flip": Field(True, bool, "random horizontal flips"),
-    "train.alternate_flips": Field(False, bool, "with train.augment_flip: a coin per image decides whether it is "
+    "train.alternate_flips": Field(True, bool, "with train.augment_flip: a coin per image decides whether it is "
                                    "mirrored in the first epoch, and each later epoch shows it the other way "
-                                   "round, instead of a fresh coin every epoch"),
+                                   "round, instead of a fresh coin every epoch. Left at its default, off when "
+                                   "train.augment_flip is", before=False),
     "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),
-    "train.bn_bias_lr": Field(1.0, float, "the learning rate of batch norm's shifts (beta) as a multiple of "
-                              "the other weights' (Adam, AdamW, LAMB and SGD alike)", min=0.0),
+    "train.bn_bias_lr": Field(3.0, float, "the learning rate of batch norm's shifts (beta) as a multiple of "
+                              "the other weights' (Adam, AdamW, LAMB and SGD alike)", min=0.0, before=1.0),
     "train.eval_flip": Field(True, bool, "evaluate (validation and test) on each image and its mirror image, "
                              "averaging the logits; the report also gives the one-view test accuracy. Only "
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),
@@ -177,8 +180,10 @@ EXPERIMENT_NEUTRAL = ("data.dir", "data.download", "data.url", "data.cache_dir",
 
 def experiment_key(cfg: dict, drop: tuple[str, ...] = ()) -> str:
     """A short hash of the config's experiment (EXPERIMENT_NEUTRAL and `drop` left out): equal for runs
-    of one recipe. Keys a config predates count at their defaults, so an older report keeps its key."""
-    merged = {**flat(defaults()), **flat(cfg)}
+    of one recipe. Keys a config predates count at the value runs had before the key existed (its default,
+    or the old default of one that changed), so an older report keeps its key."""
+    before = {k: f.before for k, f in SCHEMA.items() if f.before is not None}
+    merged = {**flat(defaults()), **before, **flat(cfg)}
     kept = {k: v for k, v in merged.items() if not k.startswith(EXPERIMENT_NEUTRAL + tuple(drop))}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -195,14 +200,22 @@ def defaults() -> dict:
 def load(path: str | None, overrides: list[str] = ()) -> dict:
     """Defaults, then the YAML file, then `--set` overrides; validated. Raises ConfigError."""
     cfg = defaults()
+    given = set()
     if path:
         for key, value in _flatten(_read_yaml(path), path).items():
             _apply(cfg, key, value, path)
+            given.add(key)
     for item in overrides:
         key, value = _parse_override(item)
         _apply(cfg, key, value, f"--set {item}")
+        given.add(key)
     source = " and ".join([path] * bool(path) + ["--set"] * bool(overrides)) or "config"
     first = next(iter(cfg["model"]["layers"]), {"type": "missing"})
+    # The default recipe's levers stay out of the way of a config they do not fit; asked for, they must fit.
+    if "model.first_conv_init" not in given and first["type"] != "conv":
+        cfg["model"]["first_conv_init"] = "glorot"
+    if "train.alternate_flips" not in given and not cfg["train"]["augment_flip"]:
+        cfg["train"]["alternate_flips"] = False
     if cfg["model"]["first_conv_init"] == "whiten" and first["type"] != "conv":
         raise ConfigError(f"{source}: model.first_conv_init is whiten but model.layers[0] is {first['type']}; "
                           "whitening sets the filters of a first convolution: put a conv layer first, or set "

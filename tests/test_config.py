@@ -1,5 +1,6 @@
 """Config validation: every error class names the source, the dotted key, the value and what is expected;
 and the config's pure-Python shape walk held to what training/model.py builds in Keras."""
+import copy
 import json
 import os
 import subprocess
@@ -364,3 +365,27 @@ def test_alternate_flips_without_flips_is_refused_naming_both_keys_and_where(tmp
         config.load(str(path), ["train.augment_flip=false"])
     assert str(e.value).startswith(f"{path} and --set: train.alternate_flips is true but train.augment_flip "
                                    "is false")
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.augment_flip=false", "train.alternate_flips", False),
+    ('model.layers=[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}]', "model.first_conv_init", "glorot"),
+])
+def test_the_default_recipes_levers_step_aside_where_they_do_not_fit(override, key, value):
+    """Left at their defaults they switch off (asked for, they are refused: the tests above)."""
+    assert config.flat(config.load(None))[key] != value
+    assert config.flat(config.load(None, [override]))[key] == value
+
+
+def test_a_report_older_than_a_changed_default_keeps_its_experiment_key():
+    """A run written before model.first_conv_init, train.alternate_flips and train.bn_bias_lr existed
+    ran with glorot, fresh coins and 1.0: its config, which lacks them, keys as one that states those."""
+    lean = config.load(str(ROOT / "configs/lean.yaml"))
+    older = copy.deepcopy(lean)
+    for section, key in (("model", "first_conv_init"), ("train", "alternate_flips"), ("train", "bn_bias_lr")):
+        del older[section][key]
+    assert config.experiment_key(older) == config.experiment_key(lean)
+    default = config.load(str(ROOT / "configs/default.yaml"))
+    older_default = copy.deepcopy(default)
+    del older_default["model"]["first_conv_init"]
+    assert config.experiment_key(older_default) != config.experiment_key(default)

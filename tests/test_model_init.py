@@ -45,7 +45,7 @@ def test_whitening_filters_decorrelate_the_patches_and_come_in_sign_pairs(real):
 
 def test_filters_beyond_twice_the_patch_size_keep_their_glorot_start(real):
     images = real.x_train[:5_000]
-    glorot, glorot_bias = first_conv(build(None))                   # the default network: 32 filters
+    glorot, glorot_bias = first_conv(build(None, "model.first_conv_init=glorot"))   # the default network: 32 filters
     whitened, bias = first_conv(build(None, "model.first_conv_init=whiten", train_images=images))
     assert whitened.shape == (9, 32)
     np.testing.assert_array_equal(whitened[:, 9:18], -whitened[:, :9])   # all 9 directions of a 3x3 patch
