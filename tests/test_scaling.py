@@ -190,11 +190,21 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     # a batch reaches the target, but its per-rank batch is beyond the throughput curve: taken, not "short"
     c = choose(1, 1, a_basis({1024: 0.925, 2048: 0.91}))
     assert c["global_batch"] == 1024 and "short_of_target" not in c
-    assert c["reason"].startswith("no global batch of the fast basis that reaches 92.0% on 1 ranks has a measured "
-                                  "throughput at its per-rank batch: 1024 (1024 per rank, ")
+    assert c["reason"].startswith("no global batch of the fast basis that clears 92.0% by 0.15 points on 1 ranks has a "
+                                  "measured throughput at its per-rank batch: 1024 (1024 per rank, ")
     # the basis measures none of the batches the ranks can split: weak scaling, said
     c = choose(128, 64, a_basis({512: 0.925, 1024: 0.915}))
     assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 128 ranks: weak scaling" in c["reason"]
+
+
+def test_auto_wants_a_margin_over_the_target_before_it_splits_a_batch_for_speed():
+    """1,024 is expected to reach 92% by 0.12 points, less than the split alone has moved a basis's mean:
+    the job keeps 512, which clears the target by 0.20, although 1,024 would be sooner on 8 ranks."""
+    c = choose(8, 4, a_basis({512: 0.9220, 1024: 0.9212}))
+    assert c["global_batch"] == 512 and "short_of_target" not in c
+    assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 1024] == [
+        "expected 92.12% < target 92.0% + 0.15 points of margin"]
+    assert choose(8, 4, a_basis({512: 0.9220, 1024: 0.9216}))["global_batch"] == 1024     # clears it: sooner
 
 
 def test_explicit_batch_settings_win_over_auto():
