@@ -248,8 +248,8 @@ def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe:
     best.pop("rejected", None)
     short = best["expected_accuracy"] < target
     if not short:
-        head = (f"no global batch of the {recipe} basis that clears {target:.1%} by {MARGIN * 100:.2f} points "
-                f"on {ranks} ranks has a measured throughput at its per-rank batch")
+        head = (f"no global batch of the {recipe} basis that {ranks} ranks can split (at least {MIN_RANK_BATCH} images "
+                f"each) is expected to clear {target:.1%} by {MARGIN * 100:.2f} points at a measured throughput")
     return {"global_batch": best["global_batch"], "mode": "weak" if best["global_batch"] == weak else "strong",
             "candidates": weighed, **({"short_of_target": True} if short else {}),
             "reason": f"{head}: {best['global_batch']} ({best['per_rank']} per rank, "

@@ -190,8 +190,14 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     # a batch reaches the target, but its per-rank batch is beyond the throughput curve: taken, not "short"
     c = choose(1, 1, a_basis({1024: 0.925, 2048: 0.91}))
     assert c["global_batch"] == 1024 and "short_of_target" not in c
-    assert c["reason"].startswith("no global batch of the fast basis that clears 92.0% by 0.15 points on 1 ranks has a "
-                                  "measured throughput at its per-rank batch: 1024 (1024 per rank, ")
+    assert c["reason"].startswith("no global batch of the fast basis that 1 ranks can split (at least 16 images each) is "
+                                  "expected to clear 92.0% by 0.15 points at a measured throughput: 1024 (1024 per rank, ")
+    # 64 ranks cannot split 512, and 1,024 reaches the target inside the margin: taken, the reason says both
+    c = choose(64, 32, a_basis({512: 0.925, 1024: 0.9205}))
+    assert c["global_batch"] == 1024 and "short_of_target" not in c
+    assert c["reason"].startswith("no global batch of the fast basis that 64 ranks can split (at least 16 images each) is "
+                                  "expected to clear 92.0% by 0.15 points at a measured throughput: 1024 (16 per rank, ")
+    assert [r.get("rejected") for r in c["candidates"] if r["global_batch"] == 1024] == [None]
     # the basis measures none of the batches the ranks can split: weak scaling, said
     c = choose(128, 64, a_basis({512: 0.925, 1024: 0.915}))
     assert c["global_batch"] is None and c["mode"] == "weak" and "reaches 92.0% on 128 ranks: weak scaling" in c["reason"]
