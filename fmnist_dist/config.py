@@ -77,9 +77,6 @@ SCHEMA: dict[str, Field] = {
                                    "(the rest Glorot), computed from the same images on every rank. Left at its "
                                    "default, a network that does not start with a convolution gets glorot",
                                    choices=("glorot", "whiten"), before="glorot"),
-    "model.later_conv_init": Field("glorot", str, "how the convolutions after the first start: glorot, or identity: "
-                                   "each one's first filters (as many as it has input channels) pass their input "
-                                   "through unchanged, the rest glorot", choices=("glorot", "identity")),
     "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),

@@ -86,17 +86,3 @@ def test_whitening_needs_a_convolution_first(layers, shown):
     with pytest.raises(ConfigError) as e:
         config_mod.load(None, [f"model.layers={layers}", "model.first_conv_init=whiten"])
     assert "--set: model.first_conv_init is whiten" in str(e.value) and shown in str(e.value)
-
-
-def test_identity_start_passes_each_later_convolutions_input_through(real):
-    model = build("configs/fast.yaml", "model.later_conv_init=identity")
-    convs = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D)]
-    assert [c.filters for c in convs] == [16, 48, 128]
-    x = real.x_train[:8, :, :, None].astype("float32") / 255.0
-    first = convs[0](x)                                   # 16 channels, the input of the second convolution
-    second = convs[1](first).numpy()
-    np.testing.assert_allclose(second[..., :16], first.numpy(), rtol=1e-2, atol=1e-2)   # bf16 under the fast recipe
-    assert np.abs(second[..., 16:]).max() > 0.01          # the other 32 filters keep their Glorot start
-    glorot = build("configs/fast.yaml")
-    np.testing.assert_array_equal(glorot.layers[0].get_weights()[0], model.layers[0].get_weights()[0])
-    assert not np.allclose(glorot.layers[4].get_weights()[0][1, 1, :16, :16], np.eye(16))

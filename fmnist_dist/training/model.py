@@ -25,8 +25,6 @@ def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int, distrib
     model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
     if ns.model.first_conv_init == "whiten" and train_images is not None:
         whiten_first_conv(model, train_images)
-    if ns.model.later_conv_init == "identity":
-        identity_later_convs(model)
     schedule = lr_schedule(ns.train, batches, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule, batches)
     if distributed is not None:
@@ -117,21 +115,6 @@ def whiten_first_conv(model: tf.keras.Model, train_images: np.ndarray) -> None:
     kernel[..., :n] = weights.reshape(kh, kw, channels, n)
     bias[:n] = 0.0
     conv.set_weights([kernel, bias])
-
-
-def identity_later_convs(model: tf.keras.Model) -> None:
-    """Start every convolution after the first with its first min(in, out) filters as the identity
-    (a 1 at the kernel's centre from channel i to filter i; airbench's Dirac start): each block starts
-    by passing its input on, plus what the Glorot filters add."""
-    convs = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D)]
-    for conv in convs[1:]:
-        kernel, bias = conv.get_weights()
-        kh, kw, channels, filters = kernel.shape
-        n = min(channels, filters)
-        kernel[..., :n] = 0.0
-        kernel[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
-        bias[:n] = 0.0
-        conv.set_weights([kernel, bias])
 
 
 def _patches(images: np.ndarray, kh: int, kw: int) -> np.ndarray:
