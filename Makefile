@@ -65,11 +65,12 @@ recipes: setup
 	$(PY) -m fmnist_dist report '$(RECIPES_DIR)/*' --seeds --format md
 
 # Accuracy against global batch (docs/scaling.md): configs/RECIPE.yaml x SEEDS at the global batches
-# of SCAN_WORLDS ranks of 256, simulated in one process; then the table.
+# of SCAN_WORLDS ranks of 256, simulated in one process; then the table. The global batch is set to
+# weak scaling's: under auto the job would pick its own batch for the simulated ranks.
 scan: setup
 	@for w in $(SCAN_WORLDS); do for s in $(SEEDS); do \
 	  $(PY) -m fmnist_dist train --config configs/$(RECIPE).yaml --set train.simulate_world_size=$$w \
-	    --set train.seed=$$s --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
+	    --set train.global_batch_size=null --set train.seed=$$s --run-dir $(SCAN_DIR)/w$$w-seed$$s --overwrite $(SETS) || exit 1; \
 	done; done
 	$(PY) -m fmnist_dist report '$(SCAN_DIR)/w*' --scan --format md
 

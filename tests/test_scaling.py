@@ -1,6 +1,9 @@
 """The split of the global batch (fmnist_dist.scaling): weak and strong scaling, simulated ranks."""
 from __future__ import annotations
 
+import shlex
+import subprocess
+
 import pytest
 
 from fmnist_dist.errors import ConfigError
@@ -43,6 +46,22 @@ def test_a_simulated_world_that_is_not_a_multiple_of_the_processes_is_an_error()
     assert "train.simulate_world_size=3" in str(e.value) and "2 or 4" in str(e.value)
     with pytest.raises(ConfigError):
         plan_batches(train(simulate=1), 2)                  # fewer than the processes
+
+
+@pytest.mark.parametrize("recipe", ["default", "fast", "lean"])
+def test_make_scan_trains_each_simulated_world_at_weak_scalings_global_batch(recipe, tmp_path):
+    """Under train.global_batch_size=auto the job picks its own batch for the simulated ranks: the scan must
+    fix it, or every world of a recipe with a basis trains at the one batch auto prefers."""
+    out = subprocess.run(["make", "-s", "-o", "setup", "scan", "PY=echo", f"RECIPE={recipe}", "SEEDS=1",
+                          "SCAN_WORLDS=2 8 32", f"SCAN_DIR={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    batches = []
+    for argv in (shlex.split(line) for line in out.splitlines() if " train " in line):
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        cfg = config_mod.load(str(ROOT / argv[argv.index("--config") + 1]), sets)
+        assert cfg["train"]["global_batch_size"] is None, argv
+        batches.append(plan_batches(cfg["train"], 1).global_batch)
+    assert batches == [512, 2048, 8192]
 
 
 # ---------------------------------------------------------------------------------------------
