@@ -120,9 +120,6 @@ SCHEMA: dict[str, Field] = {
     "train.augment_shift": Field(0, int, "random shifts of up to this many pixels", min=0, max=8),
     "train.bn_bias_lr": Field(3.0, float, "the learning rate of batch norm's shifts (beta) as a multiple of "
                               "the other weights' (Adam, AdamW, LAMB and SGD alike)", min=0.0, before=1.0),
-    "train.lookahead_steps": Field(0, int, "lookahead: every N steps the weights move to their slow copy plus "
-                                   "train.lookahead_alpha of the way taken since (0: off)", min=0, before=0),
-    "train.lookahead_alpha": Field(0.5, float, "lookahead's step toward the fast weights", min=0.0, max=1.0, before=0.5),
     "train.eval_flip": Field(True, bool, "evaluate (validation and test) on each image and its mirror image, "
                              "averaging the logits; the report also gives the one-view test accuracy. Only "
                              "for a model trained with train.augment_flip (without it: 2 points lower, measured)"),

@@ -150,22 +150,3 @@ class ProgressMarks(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         ProgressMarks.steps += 1
         watchdog.mark("training", f"epoch {self.epoch}, {ProgressMarks.steps} steps since this process started")
-
-
-class Lookahead(tf.keras.callbacks.Callback):
-    """Lookahead (Zhang et al. 2019): every `steps` steps the slow weights move `alpha` of the way to the
-    fast ones, and the fast weights restart from them. Every rank holds the same weights, so every rank
-    does the same."""
-
-    def __init__(self, steps: int, alpha: float):
-        super().__init__()
-        self.steps, self.alpha, self.count, self.slow = steps, alpha, 0, None
-
-    def on_train_batch_end(self, batch, logs=None) -> None:
-        if self.slow is None:
-            self.slow = [tf.Variable(w, trainable=False) for w in self.model.trainable_weights]
-        self.count += 1
-        if self.count % self.steps == 0:
-            for slow, fast in zip(self.slow, self.model.trainable_weights):
-                slow.assign_add(self.alpha * (tf.cast(fast, slow.dtype) - slow))
-                fast.assign(slow)

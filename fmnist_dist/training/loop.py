@@ -29,7 +29,7 @@ from ..reporting.tensorboard import TensorBoardWriter
 from ..scaling import BatchPlan, plan_batches
 from ..timing import recorder
 from . import checkpoint, optim, rundir, runtime, watchdog
-from .callbacks import Lookahead, ProgressMarks, StepControl, StepTimer, StopFlag, barrier
+from .callbacks import ProgressMarks, StepControl, StepTimer, StopFlag, barrier
 from .model import build_and_compile, flops_per_image, whitening_images
 from .pipeline import evaluate, make_batches
 from .rundir import RunState
@@ -89,8 +89,6 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     # [hvd] MetricAverageCallback: the loss and accuracy Keras reports are averaged over the ranks.
     run.callbacks = [rt.hvd.callbacks.MetricAverageCallback(), run.timer, run.control, *run.timing.callbacks(),
                      ProgressMarks()]
-    if ns.train.lookahead_steps:
-        run.callbacks.append(Lookahead(ns.train.lookahead_steps, ns.train.lookahead_alpha))
 
     # 5. Epochs, each in one or more fit chunks (a chunk ends early for a stop or a mid-epoch checkpoint).
     stop_reason = None
