@@ -119,6 +119,19 @@ def test_the_summary_says_the_split_and_the_warning():
     assert "warning: at global batch 16384 the lean recipe measured about 85.84% test accuracy" in text
 
 
+def test_the_summary_calls_a_fixed_global_batch_on_fewer_ranks_larger_not_strong_scaling():
+    from fmnist_dist.reporting.render import batch_label
+
+    def label(global_batch: int, processes: int) -> str:
+        scaling = plan_batches(train(global_batch=global_batch), processes).describe()
+        return batch_label({"batch_size_per_rank": scaling["batch_size_per_rank"], "global_batch_size": global_batch,
+                            "scaling": scaling})
+
+    assert label(512, 1) == "global batch 512 (512/rank, larger than train.batch_size 256)"   # auto's choice on 1 rank
+    assert label(512, 4) == "global batch 512 (128/rank, strong scaling)"
+    assert label(512, 2) == "global batch 512 (256/rank, strong scaling)"
+
+
 def scan_report(global_batch: int, seed: int, scaling: dict) -> dict:
     return {"status": "completed", "environment": {"argv": ["train", "--config", "configs/lean.yaml"]},
             "config": {"train": {"seed": seed, "simulate_world_size": global_batch // 256, "lr": 0.001,

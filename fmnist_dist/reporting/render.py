@@ -1,6 +1,7 @@
 """Reports for people: the summary printed at the end, report.md, and the time breakdown's tables."""
 from __future__ import annotations
 
+from ..scaling import split_words
 from ..timing.breakdown import CATEGORIES, CATEGORY_LABELS, breakdown_rows
 from .schema import Report
 
@@ -20,7 +21,12 @@ def batch_label(data: dict) -> str:
     if "global_batch_size" not in data:
         return f"batch {data['batch_size_per_rank']}/rank"
     scaling = data.get("scaling") or {"mode": "weak"}       # reports before strong scaling existed
-    label = f"global batch {data['global_batch_size']} ({data['batch_size_per_rank']}/rank, {scaling['mode']} scaling"
+    words = f"{scaling['mode']} scaling"
+    if scaling.get("lr_factor"):     # a fixed global batch on fewer ranks than train.batch_size was meant for
+        reference = round(data["global_batch_size"] / scaling["lr_factor"])
+        if data["batch_size_per_rank"] > reference:
+            words = split_words(data["batch_size_per_rank"], reference)
+    label = f"global batch {data['global_batch_size']} ({data['batch_size_per_rank']}/rank, {words}"
     if scaling.get("simulated"):
         label += f", {scaling['world_size']} ranks simulated on {scaling['processes']}"
     if scaling.get("recipe") == "large-batch":
