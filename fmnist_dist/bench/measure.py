@@ -67,7 +67,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
     shard = data_mod.epoch_shard(train_idx, 1, t.seed, rank, world, split.per_process)
     batches = make_batches(dataset.x_train[shard], dataset.y_train[shard], t, split.per_process, 1, rank).repeat()
     steps_per_epoch = data_mod.steps_per_epoch(len(train_idx), world, split.per_process)
-    model, optimizer, _ = build_and_compile(ns, split, steps_per_epoch, hvd.DistributedOptimizer if hvd else None)
+    model, optimizer, _ = build_and_compile(ns, split, steps_per_epoch, rt.distributed_optimizer if rt else None)
     callbacks = []
     if hvd is not None:
         rt.hvd_tf.broadcast_variables(model.variables + optimizer.variables(), root_rank=0)

@@ -71,7 +71,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
 
     # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
     #    DistributedOptimizer averages the gradients of all ranks at every step.
-    model, optimizer, schedule = build_and_compile(ns, plan.batches, plan.steps, rt.hvd.DistributedOptimizer,
+    model, optimizer, schedule = build_and_compile(ns, plan.batches, plan.steps, rt.distributed_optimizer,
                                                    train_images=whitening_images(ns, dataset.x_train, plan.train_idx))
 
     # 4. State: fresh, or rank 0's newest checkpoint. [hvd] weights and optimizer state are

@@ -33,6 +33,12 @@ class Runtime:
     hvd_tf: Any = None   # horovod.tensorflow, for object gathers and variable broadcasts
     environment: dict = field(default_factory=dict)
 
+    def distributed_optimizer(self, optimizer: Any) -> Any:
+        """hvd.DistributedOptimizer averaging all of a step's gradients in one grouped allreduce: one
+        negotiation and one collective a step rather than one per tensor. 2 Gloo ranks trained 1-8%
+        faster in bf16 and 2-5% in fp32, in 4 of 4 alternating rounds (docs/benchmark.md)."""
+        return self.hvd.DistributedOptimizer(optimizer, groups=1)
+
 
 def start(cfg: Any) -> Runtime:
     """Load ITEX, init Horovod, size the thread pools, agree on the precision. Canonical order."""
