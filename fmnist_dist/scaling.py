@@ -64,12 +64,14 @@ class BatchPlan:
                 "lr_factor": self.lr_factor}
 
 
-def plan_batches(train: Any, processes: int, chosen: int | None = None) -> BatchPlan:
+def plan_batches(train: Any, processes: int, chosen: int | None = None, chosen_world: int | None = None) -> BatchPlan:
     """The split for `processes` real ranks from the train section (a namespace or a dict). Under
-    train.global_batch_size=auto, `chosen` is the job's choice (choose()); None: weak scaling."""
+    train.global_batch_size=auto, `chosen` is the job's choice (choose()), None weak scaling, and
+    `chosen_world` the ranks it simulates, if any."""
     get = train.get if isinstance(train, dict) else lambda key: getattr(train, key)
     simulate, global_batch, batch = get("simulate_world_size"), get("global_batch_size"), get("batch_size")
     if global_batch == "auto":          # the choice is weak scaling's batch, or another that stays fixed
+        simulate = simulate or chosen_world
         global_batch = None if chosen == batch * (simulate or processes) else chosen
     large_from = get("large_batch_from")
     world = simulate or processes
@@ -113,6 +115,11 @@ NETWORKS = {
 # speak for it, and a rank's step is mostly fixed costs. At 16 the default recipe's 512 split over 32
 # ranks kept its accuracy (docs/scaling.md); nothing smaller was measured.
 MIN_RANK_BATCH = 16
+# Nor above the basis's own ranks (train.batch_size when it was scanned): real ranks of 512 ended
+# 0.1-0.3 points below the basis's ranks of 256 at the same global batch, beyond the margin below,
+# and one fp32 seed missed 92% (docs/results.md). A rank's batch norm is part of the recipe, so a
+# process given more than one rank's share trains it as simulated ranks of the basis's size, as the
+# basis itself was measured (SimulatedRanks).
 GRADIENT_BYTES_PER_WEIGHT = 4     # gradients are reduced in fp32, bf16 runs included
 # Projected times closer than this are a tie (the projection's own error is larger), settled by the
 # higher expected accuracy: a larger global batch must buy real time for the accuracy it costs.
@@ -145,9 +152,10 @@ def rank_images_per_s(throughput: dict, per_rank: int) -> float | None:
 
 
 def epoch_s(global_batch: int, ranks: int, nodes: int, train_size: int, throughput: dict,
-            gradient_bytes: int, network: str | tuple[float, float]) -> float | None:
+            gradient_bytes: int, network: str | tuple[float, float], share: int | None = None) -> float | None:
+    """Projected seconds of an epoch; a process simulating ranks computes each `share` at its speed."""
     per_rank = global_batch // ranks
-    speed = rank_images_per_s(throughput, per_rank)
+    speed = rank_images_per_s(throughput, share or per_rank)
     if speed is None:
         return None
     steps = train_size // global_batch
@@ -169,6 +177,17 @@ def split_words(per_rank: int, batch_size: int) -> str:
     if per_rank < batch_size:
         return "strong scaling"
     return f"larger than train.batch_size {batch_size}"
+
+
+def rank_text(row: dict) -> str:
+    """A candidate's split: its ranks' batch, or the simulated ranks each process carries."""
+    if "simulated_world" in row:
+        return f"{row['per_process']} per process as {row['simulated_world']} simulated ranks of {row['per_rank']}"
+    return f"{row['per_rank']} per rank"
+
+
+def split_text(row: dict, batch_size: int) -> str:
+    return f"{rank_text(row)}, {split_words(row['per_rank'], batch_size)}"
 
 
 def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: str, gradient_bytes: int,
@@ -198,14 +217,20 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
     weighed = []
     for g in candidates(points, ranks, weak):
         e = expect(points, min(max(g, lo), hi) if abs(g - min(max(g, lo), hi)) < ranks else g, target)
-        row = {"global_batch": g, "per_rank": g // ranks, "expected_accuracy": e["accuracy_mean"],
+        share = g // ranks
+        row = {"global_batch": g, "per_rank": share, "expected_accuracy": e["accuracy_mean"],
                "epochs_to_target": e["epochs_to_target"], "epochs": e.get("epochs")}
-        per_epoch = epoch_s(g, ranks, nodes, train_size, throughput, gradient_bytes, network)
+        if share > measured_rank and share % measured_rank == 0:     # the basis's ranks, simulated
+            share = measured_rank
+            row.update(per_rank=share, per_process=g // ranks, simulated_world=g // share)
+        per_epoch = epoch_s(g, ranks, nodes, train_size, throughput, gradient_bytes, network, share)
         if not e["within"]:
             row["rejected"] = f"outside the basis ({lo}–{hi}): accuracy not measured"
         elif e["accuracy_mean"] < target + MARGIN:
             row["rejected"] = (f"expected {e['accuracy_mean']:.2%} < target {target:.1%}"
                                + (f" + {MARGIN * 100:.2f} points of margin" if e["accuracy_mean"] >= target else ""))
+        elif share > measured_rank:
+            row["rejected"] = f"ranks of {share}: the basis measured ranks of {measured_rank}"
         elif per_epoch is None:
             row["rejected"] = f"throughput not measured at {g // ranks} per rank"
         else:
@@ -215,21 +240,21 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
         weighed.append(row)
     usable = [r for r in weighed if "projected_s" in r]
     if not usable:
-        return closest(weighed, ranks, weak, train["batch_size"], basis["recipe"], target)
+        return closest(weighed, ranks, weak, measured_rank, basis["recipe"], target)
     fastest = min(r["projected_s"] for r in usable)
     best = max((r for r in usable if r["projected_s"] <= fastest * (1 + TIE)),
                key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
-    mode = "weak" if best["global_batch"] == weak else "strong"
+    mode = "weak" if best["global_batch"] == weak or "simulated_world" in best else "strong"
     for r in usable:
         if r is not best:
             r["rejected"] = (f"projected {r['projected_s']:.0f} s against {best['projected_s']:.0f} s"
                              + (f", expected {r['expected_accuracy']:.2%}: within {TIE:.0%} of the time, less accurate"
                                 if r["projected_s"] <= fastest * (1 + TIE) else ""))
     return {"global_batch": best["global_batch"], "mode": mode, "candidates": weighed,
+            **({"simulated_world": best["simulated_world"]} if "simulated_world" in best else {}),
             "network": network if isinstance(network, str) else list(network),
             "precision": precision if precision in curves else next(iter(curves), None),
-            "reason": f"{best['global_batch']} ({best['per_rank']} per rank, "
-                      f"{split_words(best['per_rank'], train['batch_size'])}): expected "
+            "reason": f"{best['global_batch']} ({split_text(best, train['batch_size'])}): expected "
                       f"{best['expected_accuracy']:.2%} (target {target:.1%}), projected {best['projected_s']:.0f} s "
                       f"for {best['epochs_trained']} epochs, the soonest of {len(usable)} that reach the target"}
 
@@ -237,11 +262,17 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
 def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe: str, target: float) -> dict:
     """No candidate reaches the target with a measured time on these ranks: the one the basis expects
     the most of, rather than weak scaling's larger (perhaps unmeasured) batch; weak scaling if the
-    basis covers none. Short of the target unless that one reaches it (its per-rank batch outside
-    the throughput curve)."""
-    measured = [r for r in weighed if r["expected_accuracy"] is not None]
+    basis covers none at ranks no larger than it measured (train.batch_size). Short of the target
+    unless that one reaches it (its per-rank batch outside the throughput curve)."""
+    measured = [r for r in weighed if r["expected_accuracy"] is not None and r["per_rank"] <= batch_size]
     head = f"no global batch of the {recipe} basis reaches {target:.1%} on {ranks} ranks"
     if not measured:
+        if any(r["expected_accuracy"] is not None for r in weighed):     # measured, but only as smaller ranks
+            head = (f"the {recipe} basis measured ranks of {batch_size}, and each of its global batches "
+                    f"would make {ranks} rank{'s' if ranks > 1 else ''} larger")
+        for r in weighed:
+            if r["global_batch"] == weak:
+                r.pop("rejected", None)
         return {"global_batch": None, "mode": "weak", "candidates": weighed,
                 "reason": f"{head}: weak scaling, train.batch_size {batch_size} per rank"}
     best = max(measured, key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
@@ -250,8 +281,10 @@ def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe:
     if not short:
         head = (f"no global batch of the {recipe} basis that {ranks} ranks can split (at least {MIN_RANK_BATCH} images "
                 f"each) is expected to clear {target:.1%} by {MARGIN * 100:.2f} points at a measured throughput")
-    return {"global_batch": best["global_batch"], "mode": "weak" if best["global_batch"] == weak else "strong",
+    return {"global_batch": best["global_batch"],
+            "mode": "weak" if best["global_batch"] == weak or "simulated_world" in best else "strong",
             "candidates": weighed, **({"short_of_target": True} if short else {}),
-            "reason": f"{head}: {best['global_batch']} ({best['per_rank']} per rank, "
-                      f"{split_words(best['per_rank'], batch_size)}), the {'closest' if short else 'most accurate'}: "
+            **({"simulated_world": best["simulated_world"]} if "simulated_world" in best else {}),
+            "reason": f"{head}: {best['global_batch']} ({split_text(best, batch_size)}), "
+                      f"the {'closest' if short else 'most accurate'}: "
                       f"expected {best['expected_accuracy']:.2%}"}

@@ -223,7 +223,10 @@ def preempted_auto_run(tmp_path_factory) -> Path:
 def test_real_reports_write_exactly_what_the_definition_declares(reporting_runs, preempted_auto_run):
     reports = {"one rank": load(reporting_runs["one"]), "two ranks, timeline": load(reporting_runs["two"]),
                "auto, preempted, resumed": load(preempted_auto_run)}
-    assert reports["auto, preempted, resumed"]["data"]["scaling"]["choice"]["candidates"], "no candidate weighed"
+    auto = reports["auto, preempted, resumed"]["data"]["scaling"]
+    assert auto["choice"]["candidates"], "no candidate weighed"
+    # one process takes the basis's 512 as the basis measured it: 2 simulated ranks of 256, resumed alike
+    assert (auto["choice"]["simulated_world"], auto["world_size"], auto["batch_size_per_rank"]) == (2, 2, 256)
     seen: set[str] = set()
     for name, written in reports.items():
         checked = conformance(written, schema.Report, f"{name}: $")

@@ -127,7 +127,7 @@ def test_the_summary_calls_a_fixed_global_batch_on_fewer_ranks_larger_not_strong
         return batch_label({"batch_size_per_rank": scaling["batch_size_per_rank"], "global_batch_size": global_batch,
                             "scaling": scaling})
 
-    assert label(512, 1) == "global batch 512 (512/rank, larger than train.batch_size 256)"   # auto's choice on 1 rank
+    assert label(512, 1) == "global batch 512 (512/rank, larger than train.batch_size 256)"   # 512 asked for on 1 rank
     assert label(512, 4) == "global batch 512 (128/rank, strong scaling)"
     assert label(512, 2) == "global batch 512 (256/rank, strong scaling)"
 
@@ -192,10 +192,27 @@ def test_auto_turns_to_strong_scaling_where_weak_would_lose_accuracy_and_says_wh
     assert "1024 (128 per rank, strong scaling)" in c["reason"]
 
 
-def test_auto_calls_a_larger_batch_per_rank_what_it_is_not_strong_scaling():
+def test_auto_never_trains_ranks_larger_than_the_basis_measured_it_simulates_them():
+    """The basis measured ranks of 256; real ranks of 512 at the same global batch ended below it. One
+    process given 512 images a step trains them as 2 simulated ranks of 256, as the basis was measured."""
     c = choose(1, 1, a_basis({512: 0.925, 1024: 0.923}))
-    assert c["global_batch"] == 512
-    assert "512 (512 per rank, larger than train.batch_size 256)" in c["reason"]
+    assert (c["global_batch"], c["mode"], c["simulated_world"]) == (512, "weak", 2)
+    assert c["reason"].startswith("512 (512 per process as 2 simulated ranks of 256, weak scaling): expected 92.50%")
+    assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 256] == [
+        "outside the basis (512–1024): accuracy not measured"]
+    plan = plan_batches(train(global_batch="auto"), 1, c["global_batch"], c["simulated_world"])
+    assert (plan.world, plan.per_rank, plan.per_process, plan.ranks_per_process, plan.mode) == (2, 256, 512, 2, "weak")
+    assert plan_batches(train(global_batch="auto", simulate=4), 1, 512, 2).world == 4     # an explicit setting wins
+    c = choose(2, 1, a_basis({512: 0.925, 1024: 0.93}))        # 1,024: 2 simulated ranks of 256 per process
+    assert (c["global_batch"], c["simulated_world"]) == (1024, 4)
+    # 3 ranks: 1,023 would be ranks of 341, which no whole number of the basis's ranks makes: refused
+    c = choose(3, 2, a_basis({1024: 0.925}))
+    assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 1023] == [
+        "ranks of 341: the basis measured ranks of 256"]
+    assert (c["global_batch"], c["mode"]) == (None, "weak")
+    assert c["reason"] == ("the fast basis measured ranks of 256, and each of its global batches would make 3 ranks "
+                           "larger: weak scaling, train.batch_size 256 per rank")
+    assert [r.get("rejected") for r in c["candidates"] if r["global_batch"] == 768] == [None]   # taken: not refused
 
 
 def test_auto_never_splits_below_the_smallest_rank_batch():
@@ -220,10 +237,12 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
     c = choose(64, 32, a_basis({512: 0.925, 1024: 0.915, 2048: 0.90}))
     assert (c["global_batch"], c["short_of_target"]) == (1024, True)
     # a batch reaches the target, but its per-rank batch is beyond the throughput curve: taken, not "short"
-    c = choose(1, 1, a_basis({1024: 0.925, 2048: 0.91}))
-    assert c["global_batch"] == 1024 and "short_of_target" not in c
-    assert c["reason"].startswith("no global batch of the fast basis that 1 ranks can split (at least 16 images each) is "
-                                  "expected to clear 92.0% by 0.15 points at a measured throughput: 1024 (1024 per rank, ")
+    basis = a_basis({512: 0.925, 2048: 0.91})
+    basis["throughput"] = {"precisions": {"bf16": {"batches": [16, 32, 64, 128], "images_per_s": [1, 2, 3, 4]}}}
+    c = scaling.choose(2, 1, {"batch_size": 256, "target_accuracy": None}, basis, "bf16", GRAD, 55000, 0.92)
+    assert c["global_batch"] == 512 and "short_of_target" not in c
+    assert c["reason"].startswith("no global batch of the fast basis that 2 ranks can split (at least 16 images each) is "
+                                  "expected to clear 92.0% by 0.15 points at a measured throughput: 512 (256 per rank, ")
     # 64 ranks cannot split 512, and 1,024 reaches the target inside the margin: taken, the reason says both
     c = choose(64, 32, a_basis({512: 0.925, 1024: 0.9205}))
     assert c["global_batch"] == 1024 and "short_of_target" not in c

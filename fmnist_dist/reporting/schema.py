@@ -127,8 +127,10 @@ class Segment(TypedDict):
 class Candidate(TypedDict):
     """A global batch train.global_batch_size=auto weighed (scaling.choose)."""
     global_batch: int
-    per_rank: int
+    per_rank: int                       # the batch each (real or simulated) rank normalizes over
     expected_accuracy: float | None     # None: outside the accuracy basis
+    per_process: NotRequired[int]       # these two where each process carries simulated ranks of the
+    simulated_world: NotRequired[int]   # basis's size: the ranks trained as
     epochs_to_target: int | None
     epochs: int | None
     epoch_s: NotRequired[float]         # these three for a candidate that reaches the target
@@ -144,6 +146,7 @@ class Choice(TypedDict):
     reason: str
     candidates: list[Candidate]
     short_of_target: NotRequired[bool]  # none reaches the target: the one expected closest to it
+    simulated_world: NotRequired[int]   # the ranks the processes train as (train.simulate_world_size)
     network: NotRequired[str | list[float]]     # train.interconnect, or [latency s, bandwidth B/s]
     precision: NotRequired[str | None]          # the throughput curve used (fp32 or bf16)
 

@@ -57,7 +57,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
     rt = runtime.start(ns)
     choice = choose_global_batch(rt, ns, cfg)     # train.global_batch_size: auto (else None)
-    plan_batches(ns.train, rt.size, chosen(choice))   # a batch that does not split fails before any write
+    plan_batches(ns.train, rt.size, *chosen(choice))   # a batch that does not split fails before any write
     stalled = StallRecord.watch(rt, ns, run_dir)
 
     # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
@@ -67,7 +67,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     resuming = agree(rt, lambda: rt.rank == 0 and rundir.prepare(run_dir, overwrite, resume, cfg))
     resuming = rt.hvd_tf.broadcast_object(resuming, root_rank=0)   # [hvd] rank 0 alone looked
     data_load_s = time.perf_counter() - t0
-    plan = EpochPlan.of(dataset, ns, rt.size, chosen(choice))
+    plan = EpochPlan.of(dataset, ns, rt.size, *chosen(choice))
 
     # 3. Model. [hvd] the learning rate grows with the world size (train.lr_scaling);
     #    DistributedOptimizer averages the gradients of all ranks at every step.
@@ -175,8 +175,9 @@ class EpochPlan:
     batches: BatchPlan      # weak or strong scaling, and the simulated world size
 
     @classmethod
-    def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int, chosen: int | None = None) -> "EpochPlan":
-        batches = plan_batches(ns.train, world, chosen)
+    def of(cls, dataset: data_mod.FashionMNIST, ns: Any, world: int, chosen: int | None = None,
+           chosen_world: int | None = None) -> "EpochPlan":
+        batches = plan_batches(ns.train, world, chosen, chosen_world)
         train_idx, val_idx = data_mod.split_train_val(len(dataset.y_train), ns.data.val_size, ns.train.seed)
         steps = data_mod.steps_per_epoch(len(train_idx), world, batches.per_process)
         if ns.train.steps_per_epoch:
@@ -489,12 +490,13 @@ def choose_global_batch(rt, ns: Any, cfg: dict) -> dict | None:
               + ("" if recipe_basis else f" ({basis.missing_line(cfg)})"), flush=True)
         for c in choice["candidates"]:
             if c.get("rejected"):
-                print(f"fmnist-dist:   not {c['global_batch']} ({c['per_rank']} per rank): {c['rejected']}", flush=True)
+                print(f"fmnist-dist:   not {c['global_batch']} ({scaling.rank_text(c)}): {c['rejected']}", flush=True)
     return choice
 
 
-def chosen(choice: dict | None) -> int | None:
-    return choice["global_batch"] if choice else None
+def chosen(choice: dict | None) -> tuple[int | None, int | None]:
+    """The global batch auto chose and the ranks it simulates (plan_batches' chosen, chosen_world)."""
+    return (choice["global_batch"], choice.get("simulated_world")) if choice else (None, None)
 
 
 def announce_resume(rt, state: RunState, segment: dict, resumed_from: str) -> None:
