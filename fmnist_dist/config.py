@@ -85,7 +85,8 @@ SCHEMA: dict[str, Field] = {
     "train.global_batch_size": Field("auto", int, "auto: the job picks the global batch that reaches the "
                                      "recipe's target soonest on this many ranks, from the recipe's measured "
                                      "accuracy basis (weak scaling where none matches, or where "
-                                     "train.batch_size is not the basis's per-rank batch; docs/scaling.md); a "
+                                     "train.batch_size is not the basis's per-rank batch; a process whose share holds several of the "
+                                     "basis's ranks trains them as simulated ranks; docs/scaling.md); a "
                                      "number: strong scaling, that global batch whatever the number of ranks, an "
                                      "equal share each (an error if it does not divide); null: weak scaling, "
                                      "train.batch_size per rank", min=1, max=60000, nullable=True, words=("auto",)),
