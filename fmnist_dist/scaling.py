@@ -71,7 +71,7 @@ def plan_batches(train: Any, processes: int, chosen: int | None = None, chosen_w
     get = train.get if isinstance(train, dict) else lambda key: getattr(train, key)
     simulate, global_batch, batch = get("simulate_world_size"), get("global_batch_size"), get("batch_size")
     if global_batch == "auto":          # the choice is weak scaling's batch, or another that stays fixed
-        simulate = simulate or chosen_world
+        simulate = chosen_world or simulate     # chosen for `simulate` ranks when set, so never fewer
         global_batch = None if chosen == batch * (simulate or processes) else chosen
     large_from = get("large_batch_from")
     world = simulate or processes

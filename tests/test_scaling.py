@@ -202,7 +202,9 @@ def test_auto_never_trains_ranks_larger_than_the_basis_measured_it_simulates_the
         "outside the basis (512–1024): accuracy not measured"]
     plan = plan_batches(train(global_batch="auto"), 1, c["global_batch"], c["simulated_world"])
     assert (plan.world, plan.per_rank, plan.per_process, plan.ranks_per_process, plan.mode) == (2, 256, 512, 2, "weak")
-    assert plan_batches(train(global_batch="auto", simulate=4), 1, 512, 2).world == 4     # an explicit setting wins
+    # with train.simulate_world_size the choice is made for those ranks, and may simulate more of them
+    assert plan_batches(train(global_batch="auto", simulate=2), 1, 1024, 4).per_rank == 256
+    assert plan_batches(train(global_batch="auto", simulate=4), 1, 512).world == 4
     c = choose(2, 1, a_basis({512: 0.925, 1024: 0.93}))        # 1,024: 2 simulated ranks of 256 per process
     assert (c["global_batch"], c["simulated_world"]) == (1024, 4)
     # 3 ranks: 1,023 would be ranks of 341, which no whole number of the basis's ranks makes: refused
