@@ -190,6 +190,14 @@ def split_text(row: dict, batch_size: int) -> str:
     return f"{rank_text(row)}, {split_words(row['per_rank'], batch_size)}"
 
 
+def taken(row: dict, weak: int) -> dict:
+    """The choice's split for the candidate taken: simulated ranks train as weak scaling does, at the
+    basis's own rank batch."""
+    simulated = "simulated_world" in row
+    return {"mode": "weak" if row["global_batch"] == weak or simulated else "strong",
+            **({"simulated_world": row["simulated_world"]} if simulated else {})}
+
+
 def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: str, gradient_bytes: int,
            train_size: int, target: float, network: str | tuple[float, float] | None = None) -> dict:
     """The global batch train.global_batch_size=auto trains with, and why: every candidate weighed
@@ -232,7 +240,7 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
         elif share > measured_rank:
             row["rejected"] = f"ranks of {share}: the basis measured ranks of {measured_rank}"
         elif per_epoch is None:
-            row["rejected"] = f"throughput not measured at {g // ranks} per rank"
+            row["rejected"] = f"throughput not measured at {share} per rank"
         else:
             # The job trains the recipe's epochs unless train.target_accuracy stops it at the target.
             epochs = (e["epochs_to_target"] or e["epochs"]) if early_stop else e["epochs"]
@@ -244,14 +252,12 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
     fastest = min(r["projected_s"] for r in usable)
     best = max((r for r in usable if r["projected_s"] <= fastest * (1 + TIE)),
                key=lambda r: (r["expected_accuracy"], -r["global_batch"]))
-    mode = "weak" if best["global_batch"] == weak or "simulated_world" in best else "strong"
     for r in usable:
         if r is not best:
             r["rejected"] = (f"projected {r['projected_s']:.0f} s against {best['projected_s']:.0f} s"
                              + (f", expected {r['expected_accuracy']:.2%}: within {TIE:.0%} of the time, less accurate"
                                 if r["projected_s"] <= fastest * (1 + TIE) else ""))
-    return {"global_batch": best["global_batch"], "mode": mode, "candidates": weighed,
-            **({"simulated_world": best["simulated_world"]} if "simulated_world" in best else {}),
+    return {"global_batch": best["global_batch"], **taken(best, weak), "candidates": weighed,
             "network": network if isinstance(network, str) else list(network),
             "precision": precision if precision in curves else next(iter(curves), None),
             "reason": f"{best['global_batch']} ({split_text(best, train['batch_size'])}): expected "
@@ -281,10 +287,8 @@ def closest(weighed: list[dict], ranks: int, weak: int, batch_size: int, recipe:
     if not short:
         head = (f"no global batch of the {recipe} basis that {ranks} ranks can split (at least {MIN_RANK_BATCH} images "
                 f"each) is expected to clear {target:.1%} by {MARGIN * 100:.2f} points at a measured throughput")
-    return {"global_batch": best["global_batch"],
-            "mode": "weak" if best["global_batch"] == weak or "simulated_world" in best else "strong",
+    return {"global_batch": best["global_batch"], **taken(best, weak),
             "candidates": weighed, **({"short_of_target": True} if short else {}),
-            **({"simulated_world": best["simulated_world"]} if "simulated_world" in best else {}),
             "reason": f"{head}: {best['global_batch']} ({split_text(best, batch_size)}), "
                       f"the {'closest' if short else 'most accurate'}: "
                       f"expected {best['expected_accuracy']:.2%}"}
