@@ -155,7 +155,9 @@ SCHEMA: dict[str, Field] = {
                                    "auto mixed precision): bf16, an error on a node without native bf16",
                                    choices=("auto", "fp32", "keras_bf16", "itex_bf16")),
     "intel.intra_op_threads": Field(0, int, "threads per rank; 0 = cores available to the rank", min=0),
-    "intel.inter_op_threads": Field(1, int, "TensorFlow inter-op threads per rank", min=1),
+    "intel.inter_op_threads": Field(0, int, "TensorFlow inter-op threads per rank; 0 = auto: a process carrying "
+                                    "several simulated ranks runs them side by side, one thread each, else 1",
+                                    min=0),
     "intel.bind": Field("auto", str, "auto: a rank that may run on every core of a node shared with other "
                         "ranks keeps to its slice of the cores (as mpirun --bind-to core would); off: never",
                         choices=("auto", "off")),

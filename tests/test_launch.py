@@ -541,6 +541,32 @@ def test_threads_follow_slurm_cpus_per_task_inside_a_step():
     assert environment.threads_for_rank(3, 4, 8, 2, 2) == 3                        # the config wins
 
 
+@pytest.mark.parametrize("threads, towers, intra, inter, layout", [
+    (2, 2, 0, 0, (1, 2)),        # one process, 2 simulated ranks: side by side, one thread each
+    (2, 4, 0, 0, (1, 2)),        # more towers than threads: as many at a time as there are threads
+    (4, 2, 0, 0, (2, 2)),
+    (3, 2, 0, 0, (1, 2)),        # threads that do not divide: never more threads than cores
+    (2, 1, 0, 0, (2, 1)),        # one rank's batch: both threads inside each op
+    (1, 2, 0, 0, (1, 1)),        # one thread: nothing to run side by side
+    (2, 2, 2, 0, (2, 1)),        # an explicit intra-op count is kept as asked
+    (2, 2, 0, 3, (2, 3)),        # so is an explicit inter-op count
+])
+def test_thread_layout_runs_a_process_s_simulated_ranks_side_by_side(threads, towers, intra, inter, layout):
+    assert environment.thread_layout(threads, towers, intra, inter) == layout
+
+
+@pytest.mark.parametrize("environ, size, nodes", [
+    ({}, 1, 1),
+    ({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CROSS_SIZE": "2"}, 4, 2),
+    ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8, 4),
+    ({"PMI_SIZE": "6", "MPI_LOCALNRANKS": "3"}, 6, 2),
+    ({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)"}, 4, 2),
+    ({"SLURM_NTASKS": "4"}, 1, 1),                  # the batch script, not a task of a step
+])
+def test_a_process_knows_the_job_s_size_before_horovod_starts(environ, size, nodes):
+    assert (environment.launcher_size(environ), environment.launcher_nodes(environ)) == (size, nodes)
+
+
 def test_a_process_knows_how_long_it_has_run():
     """environment.seconds_since_process_start: the process's start (lease.process_start, from
     /proc/PID/stat) against the uptime, in a fresh process that slept 0.3 s first."""

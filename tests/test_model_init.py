@@ -86,3 +86,22 @@ def test_whitening_needs_a_convolution_first(layers, shown):
     with pytest.raises(ConfigError) as e:
         config_mod.load(None, [f"model.layers={layers}", "model.first_conv_init=whiten"])
     assert "--set: model.first_conv_init is whiten" in str(e.value) and shown in str(e.value)
+
+
+def test_a_model_carrying_simulated_ranks_predicts_in_parts_what_the_whole_model_predicts(real):
+    """pipeline.predict_logits splits a batch among a SimulatedRanks model's towers (which its inter-op
+    threads run side by side): evaluation normalizes with the moving statistics, so each image's
+    logits are the plain model's, whatever part of the batch, uneven parts included."""
+    from fmnist_dist.training.pipeline import predict_logits
+
+    plain = build("configs/fast.yaml", "model.first_conv_init=glorot")
+    ns = config_mod.namespace(config_mod.load("configs/fast.yaml", ["model.first_conv_init=glorot"]))
+    towers, _, _ = model_mod.build_and_compile(ns, plan_batches(ns.train, 1, 512, 2), 100)
+    assert isinstance(towers, model_mod.SimulatedRanks) and towers.ranks == 2
+    towers.set_weights(plain.get_weights())
+    for n in (257, 1):                                    # an odd batch, and one with an empty part
+        images = tf.constant(real.x_test[:n])
+        np.testing.assert_allclose(predict_logits(towers, images), predict_logits(plain, images), rtol=1e-4, atol=1e-4)
+    # the control: other weights predict otherwise
+    towers.set_weights([w + 0.01 for w in plain.get_weights()])
+    assert not np.allclose(predict_logits(towers, tf.constant(real.x_test[:257])), predict_logits(plain, tf.constant(real.x_test[:257])), atol=1e-4)

@@ -8,9 +8,12 @@ differs by far more. Short real runs: 4 epochs of 8 steps, global batch 512.
 from __future__ import annotations
 
 
+import os
+
 import pytest
 
 from conftest import PYTHON, VENV_BIN, load, run
+from fmnist_dist.environment import thread_layout
 
 # The lean network without dropout (its masks are drawn per rank), fp32, no flips.
 NETWORK = """
@@ -84,6 +87,18 @@ def test_simulated_ranks_train_as_the_real_ones(runs):
     assert real["data"]["scaling"]["simulated"] is False
     assert simulated["segments"][0]["peak_lr"] == real["segments"][0]["peak_lr"] == pytest.approx(0.002)
     assert worst_gap(simulated, real) < AGREE, (losses(simulated), losses(real))
+
+
+def test_a_process_runs_its_simulated_ranks_side_by_side(runs):
+    """intel.inter_op_threads=0 (auto): a process of several threads carrying several simulated ranks
+    runs their towers side by side, one thread inside each op, and ITEX's OpenMP with one thread;
+    a process of one rank's batch keeps all its threads inside each op."""
+    cores = len(os.sched_getaffinity(0))
+    for name, processes, towers in (("2 on 1", 1, 2), ("4 on 1", 1, 4), ("4 on 2", 2, 2), ("real 2", 2, 1)):
+        env = runs[name]["environment"]
+        threads = max(1, cores // processes)
+        layout = (1, 2) if (cores, processes, towers) in ((2, 1, 2), (2, 1, 4)) else thread_layout(threads, towers, 0, 0)
+        assert (env["intra_op_threads"], env["inter_op_threads"], env["omp_num_threads"]) == (*layout, str(layout[0])), name
 
 
 def test_the_split_over_processes_does_not_matter(runs):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from .. import cpu, mpi
 from .. import data as data_mod
 from ..config import describe_layers
+from ..environment import thread_layout
 from ..scaling import plan_batches
 from ..training import runtime
 from ..training.callbacks import StepTimer
@@ -33,8 +34,10 @@ def start_single(ns: Any) -> tuple[dict, int]:
     node = cpu.node_facts()
     itex = runtime.load_itex(ns.intel.itex, node)
     threads = int(os.environ["FMNIST_THREADS"])
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(ns.intel.inter_op_threads)
+    intra, inter = thread_layout(threads, plan_batches(ns.train, 1).ranks_per_process, ns.intel.intra_op_threads,
+                                 ns.intel.inter_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
     runtime.set_precision(ns.intel.mixed_precision, [node], itex)
     return itex, threads
 
@@ -45,7 +48,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
     them; each rank's record of what was in effect (in_effect) goes with its figures."""
     _stage("start")
     if horovod:
-        rt = runtime.start(ns)
+        rt = runtime.start(ns, towers=lambda size, nodes, precision: plan_batches(ns.train, size).ranks_per_process)
         hvd, rank, world, threads, environment = rt.hvd, rt.rank, rt.size, rt.threads, rt.environment
     else:
         itex, threads = start_single(ns)

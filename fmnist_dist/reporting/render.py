@@ -34,6 +34,14 @@ def batch_label(data: dict) -> str:
     return label + ")"
 
 
+def threads_label(env: dict) -> str:
+    """A rank's threads: inside each op, and how many ops (simulated ranks' towers) run side by side."""
+    intra, inter = env.get("intra_op_threads"), env.get("inter_op_threads") or 1
+    if inter == 1 or not isinstance(intra, int):
+        return f"{intra} threads/rank"
+    return f"{intra * inter} threads/rank ({inter} ops side by side, {intra} thread{'s' if intra != 1 else ''} each)"
+
+
 def summary_lines(report: Report) -> list[str]:
     """The short end-of-run summary printed by rank 0 and by `report RUN_DIR`."""
     t, res, w, env = report["timing"], report.get("results", {}), report["world"], report["environment"]
@@ -41,7 +49,7 @@ def summary_lines(report: Report) -> list[str]:
     prec = precision_label(env)
     lines = [
         f"fmnist-dist run {report['run_id']}: {report['status']}" + (f" ({report['error']})" if report.get("error") else ""),
-        f"  ranks {w['size']} on {hosts} host{'s' if hosts != 1 else ''} · {env.get('intra_op_threads')} threads/rank"
+        f"  ranks {w['size']} on {hosts} host{'s' if hosts != 1 else ''} · {threads_label(env)}"
         f" · epochs {len(report['epochs'])} · {batch_label(report['data'])} · {prec}"
         f" · ITEX {'on' if env.get('itex', {}).get('loaded') else 'off'}"
         f" · oneDNN {'on' if env.get('onednn_enabled') else 'off'}",

@@ -7,6 +7,7 @@ initial state, metric averaging, output from rank 0 only. Import this module onl
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -55,8 +56,8 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
 
     # 1. Runtime. [hvd] init; one intra-op pool per rank, sized to its own cores; the precision
     #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
-    rt = runtime.start(ns)
-    choice = choose_global_batch(rt, ns, cfg)     # train.global_batch_size: auto (else None)
+    rt = runtime.start(ns, towers=functools.partial(towers_per_process, ns, cfg))
+    choice = choose_global_batch(ns, cfg, rt.size, rt.hvd.cross_size(), rt.trains_in, announce=rt.rank == 0)
     plan_batches(ns.train, rt.size, *chosen(choice))   # a batch that does not split fails before any write
     stalled = StallRecord.watch(rt, ns, run_dir)
 
@@ -474,24 +475,30 @@ def new_report(run: Run, started: str, resumed_from: str | None,
     return report, segment
 
 
-def choose_global_batch(rt, ns: Any, cfg: dict) -> dict | None:
-    """train.global_batch_size=auto: the global batch this world reaches the recipe's target soonest
-    with (scaling.choose). Every rank computes it from the same inputs, so all agree; rank 0 says it."""
+def choose_global_batch(ns: Any, cfg: dict, size: int, nodes: int, precision: str,
+                        announce: bool = False) -> dict | None:
+    """train.global_batch_size=auto: the global batch `size` processes on `nodes` nodes reach the
+    recipe's target soonest with (scaling.choose), training in `precision` ("bf16" or "fp32"). Every
+    rank computes it from the same inputs, so all agree; rank 0 announces it."""
     if ns.train.global_batch_size != "auto":
         return None
     recipe_basis = basis.for_config(cfg)
-    ranks = ns.train.simulate_world_size or rt.size
-    precision = "fp32" if rt.environment["precision"]["chosen"] == "fp32" else "bf16"
+    ranks = ns.train.simulate_world_size or size
     gradient_bytes = config_mod.trainable_parameters(ns.model.layers) * scaling.GRADIENT_BYTES_PER_WEIGHT
-    choice = scaling.choose(ranks, rt.hvd.cross_size(), vars(ns.train), recipe_basis, precision, gradient_bytes,
+    choice = scaling.choose(ranks, nodes, vars(ns.train), recipe_basis, precision, gradient_bytes,
                             data_mod.SHAPES["train_images"][0] - ns.data.val_size, basis.target_of(cfg, recipe_basis))
-    if rt.rank == 0:
-        print(f"fmnist-dist: global batch (auto, {ranks} ranks on {rt.hvd.cross_size()} node(s)): {choice['reason']}"
+    if announce:
+        print(f"fmnist-dist: global batch (auto, {ranks} ranks on {nodes} node(s)): {choice['reason']}"
               + ("" if recipe_basis else f" ({basis.missing_line(cfg)})"), flush=True)
         for c in choice["candidates"]:
             if c.get("rejected"):
                 print(f"fmnist-dist:   not {c['global_batch']} ({scaling.rank_text(c)}): {c['rejected']}", flush=True)
     return choice
+
+
+def towers_per_process(ns: Any, cfg: dict, size: int, nodes: int, precision: str) -> int:
+    """The simulated ranks each of `size` processes will carry (runtime.start sizes threads by it)."""
+    return plan_batches(ns.train, size, *chosen(choose_global_batch(ns, cfg, size, nodes, precision))).ranks_per_process
 
 
 def chosen(choice: dict | None) -> tuple[int | None, int | None]:

@@ -94,9 +94,22 @@ def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 
 def predict_logits(model: tf.keras.Model, images_uint8: tf.Tensor) -> np.ndarray:
+    """The model's float32 logits. A model carrying simulated ranks predicts in as many parts, which
+    its inter-op threads run side by side as in training (evaluation normalizes with the moving
+    statistics: each image's logits do not depend on the others in its part)."""
     if not hasattr(model, "_fmnist_predict"):
+        parts = getattr(model, "ranks", 1)
+
         @tf.function(reduce_retracing=True)
         def fn(images):
-            return tf.cast(model(tf.cast(images[..., None], tf.float32) / 255.0, training=False), tf.float32)
+            x = tf.cast(images[..., None], tf.float32) / 255.0
+            n = tf.shape(x)[0]
+
+            def in_parts():
+                sizes = tf.concat([tf.fill([parts - 1], n // parts), [n - (parts - 1) * (n // parts)]], axis=0)
+                return tf.concat([model(part, training=False) for part in tf.split(x, sizes, num=parts)], axis=0)
+
+            logits = tf.cond(n >= parts, in_parts, lambda: model(x, training=False)) if parts > 1 else model(x, training=False)
+            return tf.cast(logits, tf.float32)
         model._fmnist_predict = fn
     return model._fmnist_predict(images_uint8).numpy()

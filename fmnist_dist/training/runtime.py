@@ -11,13 +11,14 @@ import platform
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
 from .. import cpu
 from ..errors import SetupError
-from ..environment import itex_dir, launcher_local_size, prepare, slurm_cpus_per_task, threads_for_rank
+from ..environment import (itex_dir, launcher_local_size, launcher_nodes, launcher_size, prepare, slurm_cpus_per_task,
+                           thread_layout, threads_for_rank)
 
 
 @dataclass
@@ -33,17 +34,36 @@ class Runtime:
     hvd_tf: Any = None   # horovod.tensorflow, for object gathers and variable broadcasts
     environment: dict = field(default_factory=dict)
 
+    @property
+    def trains_in(self) -> str:
+        """"bf16" or "fp32": the agreed precision, as the accuracy bases and throughput curves name it."""
+        return "fp32" if self.environment["precision"]["chosen"] == "fp32" else "bf16"
+
     def distributed_optimizer(self, optimizer: Any) -> Any:
         """hvd.DistributedOptimizer averaging all of a step's gradients in one grouped allreduce: one
         negotiation and one collective a step rather than one per tensor. 2 Gloo ranks trained 1-8%
-        faster in bf16 and 2-5% in fp32, in 4 of 4 alternating rounds (docs/benchmark.md)."""
-        return self.hvd.DistributedOptimizer(optimizer, groups=1)
+        faster in bf16 and 2-5% in fp32, in 4 of 4 alternating rounds (docs/benchmark.md).
+        A job of one process keeps its optimizer: the average over one rank changes nothing, and the
+        wrapper's ops added 1.5 s to the first step's tracing (docs/benchmark.md)."""
+        return self.hvd.DistributedOptimizer(optimizer, groups=1) if self.size > 1 else optimizer
 
 
-def start(cfg: Any) -> Runtime:
-    """Load ITEX, init Horovod, size the thread pools, agree on the precision. Canonical order."""
+def start(cfg: Any, towers: Callable[[int, int, str], int] | None = None) -> Runtime:
+    """Load ITEX, init Horovod, size the thread pools, agree on the precision. Canonical order.
+    `towers(size, nodes, precision)`: the simulated ranks each process will carry, asked before the
+    pools are sized (TensorFlow fixes them at its first op, before the ranks' CPUs are gathered), so
+    with this node's precision standing in for the agreed one."""
     prepare(cfg)                                   # a no-op when the command line already ran it
     node = cpu.node_facts()
+    precision = likely_precision(cfg.intel.mixed_precision, node)
+
+    def layout(threads: int, size: int, nodes: int) -> tuple[int, int]:
+        carried = towers(size, nodes, precision) if towers else 1
+        return thread_layout(threads, carried, cfg.intel.intra_op_threads, cfg.intel.inter_op_threads)
+
+    # ITEX's kernels run on OpenMP threads, whose number OpenMP reads as ITEX loads: one per tower when
+    # towers run side by side (two of 2 threads each ran 2.5x slower than two of one, measured).
+    os.environ["OMP_NUM_THREADS"] = str(layout(int(os.environ["FMNIST_THREADS"]), launcher_size(), launcher_nodes())[0])
     itex = load_itex(cfg.intel.itex, node)         # before Horovod's library: loading it after aborts
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
@@ -53,8 +73,9 @@ def start(cfg: Any) -> Runtime:
     if cfg.intel.intra_op_threads == 0 and hvd.local_size() != launcher_local_size():
         threads = threads_for_rank(0, len(os.sched_getaffinity(0)), os.cpu_count() or 1, hvd.local_size(),
                                    slurm_cpus_per_task())
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(cfg.intel.inter_op_threads)
+    intra, inter = layout(threads, hvd.size(), hvd.cross_size())
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
     # Every rank's CPU, gathered: the least capable node decides, so ranks never mix numerics, and
     # an impossible bf16 request fails on every rank here, before the first op could abort.
     nodes = hvd_tf.allgather_object(node)
@@ -64,6 +85,11 @@ def start(cfg: Any) -> Runtime:
                  hvd_tf=hvd_tf)
     rt.environment = detect_environment(hvd, threads, itex, precision, nodes)
     return rt
+
+
+def likely_precision(requested: str, node: dict) -> str:
+    """"bf16" or "fp32": what this node alone would train in (cpu.resolve_precision decides for all)."""
+    return "bf16" if requested != "fp32" and node["native_bf16"] else "fp32"
 
 
 def load_itex(requested: str, node: dict) -> dict:
