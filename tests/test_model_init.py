@@ -104,4 +104,5 @@ def test_a_model_carrying_simulated_ranks_predicts_in_parts_what_the_whole_model
         np.testing.assert_allclose(predict_logits(towers, images), predict_logits(plain, images), rtol=1e-4, atol=1e-4)
     # the control: other weights predict otherwise
     towers.set_weights([w + 0.01 for w in plain.get_weights()])
-    assert not np.allclose(predict_logits(towers, tf.constant(real.x_test[:257])), predict_logits(plain, tf.constant(real.x_test[:257])), atol=1e-4)
+    images = tf.constant(real.x_test[:257])
+    assert not np.allclose(predict_logits(towers, images), predict_logits(plain, images), atol=1e-4)

@@ -32,10 +32,11 @@ def start_single(ns: Any) -> tuple[dict, int]:
     """runtime.start minus Horovod: the same ITEX, threads and precision decision (the worker ran
     environment.prepare before TensorFlow loaded)."""
     node = cpu.node_facts()
-    itex = runtime.load_itex(ns.intel.itex, node)
     threads = int(os.environ["FMNIST_THREADS"])
     intra, inter = thread_layout(threads, plan_batches(ns.train, 1).ranks_per_process, ns.intel.intra_op_threads,
                                  ns.intel.inter_op_threads)
+    os.environ["OMP_NUM_THREADS"] = str(intra)     # before ITEX loads, as runtime.start says why
+    itex = runtime.load_itex(ns.intel.itex, node)
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     runtime.set_precision(ns.intel.mixed_precision, [node], itex)

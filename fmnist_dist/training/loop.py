@@ -58,7 +58,7 @@ def train(cfg: dict, run_dir: str, overwrite: bool = False, resume: bool = False
     #    every rank agrees on (the least capable CPU decides); the stall watchdog, outside Horovod.
     rt = runtime.start(ns, towers=functools.partial(towers_per_process, ns, cfg))
     choice = choose_global_batch(ns, cfg, rt.size, rt.hvd.cross_size(), rt.trains_in, announce=rt.rank == 0)
-    plan_batches(ns.train, rt.size, *chosen(choice))   # a batch that does not split fails before any write
+    check_towers(rt, ns, plan_batches(ns.train, rt.size, *chosen(choice)))   # a batch that does not split fails here
     stalled = StallRecord.watch(rt, ns, run_dir)
 
     # 2. Data and run directory. A failure on any rank fails them all, so none waits in a collective.
@@ -499,6 +499,16 @@ def choose_global_batch(ns: Any, cfg: dict, size: int, nodes: int, precision: st
 def towers_per_process(ns: Any, cfg: dict, size: int, nodes: int, precision: str) -> int:
     """The simulated ranks each of `size` processes will carry (runtime.start sizes threads by it)."""
     return plan_batches(ns.train, size, *chosen(choose_global_batch(ns, cfg, size, nodes, precision))).ranks_per_process
+
+
+def check_towers(rt: runtime.Runtime, ns: Any, batches: BatchPlan) -> None:
+    """Rank 0 says so when the threads were sized for another number of simulated ranks per process
+    than the job carries (a node whose CPU the others' outvoted on precision, an unknown launcher):
+    the run is right, but slower than it could be."""
+    if ns.intel.inter_op_threads == 0 and batches.ranks_per_process != rt.towers and rt.rank == 0:
+        print(f"fmnist-dist: warning: threads were sized for {rt.towers} simulated rank(s) per process before "
+              f"the ranks' CPUs and sizes were known, and each process carries {batches.ranks_per_process}: "
+              f"set intel.inter_op_threads and intel.intra_op_threads to choose", flush=True)
 
 
 def chosen(choice: dict | None) -> tuple[int | None, int | None]:

@@ -109,7 +109,10 @@ def predict_logits(model: tf.keras.Model, images_uint8: tf.Tensor) -> np.ndarray
                 sizes = tf.concat([tf.fill([parts - 1], n // parts), [n - (parts - 1) * (n // parts)]], axis=0)
                 return tf.concat([model(part, training=False) for part in tf.split(x, sizes, num=parts)], axis=0)
 
-            logits = tf.cond(n >= parts, in_parts, lambda: model(x, training=False)) if parts > 1 else model(x, training=False)
+            def whole():
+                return model(x, training=False)
+
+            logits = tf.cond(n >= parts, in_parts, whole) if parts > 1 else whole()   # no empty part
             return tf.cast(logits, tf.float32)
         model._fmnist_predict = fn
     return model._fmnist_predict(images_uint8).numpy()

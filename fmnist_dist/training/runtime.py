@@ -32,6 +32,7 @@ class Runtime:
     host: str
     threads: int
     hvd_tf: Any = None   # horovod.tensorflow, for object gathers and variable broadcasts
+    towers: int = 1      # the simulated ranks per process the thread pools were sized for
     environment: dict = field(default_factory=dict)
 
     @property
@@ -50,30 +51,28 @@ class Runtime:
 
 def start(cfg: Any, towers: Callable[[int, int, str], int] | None = None) -> Runtime:
     """Load ITEX, init Horovod, size the thread pools, agree on the precision. Canonical order.
-    `towers(size, nodes, precision)`: the simulated ranks each process will carry, asked before the
-    pools are sized (TensorFlow fixes them at its first op, before the ranks' CPUs are gathered), so
-    with this node's precision standing in for the agreed one."""
+    `towers(size, nodes, precision)`: the simulated ranks each process will carry, asked before ITEX
+    loads (its OpenMP reads its thread count then; TensorFlow fixes its pools at the first op, before
+    the ranks' CPUs are gathered), so with the launcher's job size and this node's precision."""
     prepare(cfg)                                   # a no-op when the command line already ran it
     node = cpu.node_facts()
-    precision = likely_precision(cfg.intel.mixed_precision, node)
-
-    def layout(threads: int, size: int, nodes: int) -> tuple[int, int]:
-        carried = towers(size, nodes, precision) if towers else 1
-        return thread_layout(threads, carried, cfg.intel.intra_op_threads, cfg.intel.inter_op_threads)
-
+    threads = int(os.environ["FMNIST_THREADS"])
+    guess = likely_precision(cfg.intel.mixed_precision, node)
+    carried = towers(launcher_size(), launcher_nodes(), guess) if towers else 1
+    intra, inter = thread_layout(threads, carried, cfg.intel.intra_op_threads, cfg.intel.inter_op_threads)
     # ITEX's kernels run on OpenMP threads, whose number OpenMP reads as ITEX loads: one per tower when
-    # towers run side by side (two of 2 threads each ran 2.5x slower than two of one, measured).
-    os.environ["OMP_NUM_THREADS"] = str(layout(int(os.environ["FMNIST_THREADS"]), launcher_size(), launcher_nodes())[0])
+    # towers run side by side (two towers of 2 OpenMP threads each ran 2.5x slower than of one, measured).
+    os.environ["OMP_NUM_THREADS"] = str(intra)
     itex = load_itex(cfg.intel.itex, node)         # before Horovod's library: loading it after aborts
     import horovod.tensorflow as hvd_tf
     import horovod.tensorflow.keras as hvd
 
     hvd.init()
-    threads = int(os.environ["FMNIST_THREADS"])
     if cfg.intel.intra_op_threads == 0 and hvd.local_size() != launcher_local_size():
+        # The launcher did not say how many ranks share the node: this rank's share, one op at a time.
         threads = threads_for_rank(0, len(os.sched_getaffinity(0)), os.cpu_count() or 1, hvd.local_size(),
                                    slurm_cpus_per_task())
-    intra, inter = layout(threads, hvd.size(), hvd.cross_size())
+        intra, inter, carried = threads, 1, 1
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     # Every rank's CPU, gathered: the least capable node decides, so ranks never mix numerics, and
@@ -82,7 +81,7 @@ def start(cfg: Any, towers: Callable[[int, int, str], int] | None = None) -> Run
     precision = set_precision(cfg.intel.mixed_precision, nodes, itex)
     rt = Runtime(hvd=hvd, rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
                  local_size=hvd.local_size(), host=socket.gethostname(), threads=threads,
-                 hvd_tf=hvd_tf)
+                 hvd_tf=hvd_tf, towers=carried)
     rt.environment = detect_environment(hvd, threads, itex, precision, nodes)
     return rt
 
