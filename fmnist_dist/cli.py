@@ -449,7 +449,9 @@ def add_race_parser(sub) -> None:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--target", type=float, default=basis.DEFAULT_TARGET,
                    help=f"test accuracy to reach (default {basis.DEFAULT_TARGET})")
-    p.add_argument("--np", type=int, default=2, help="ranks of the project's run (default 2, as make train)")
+    p.add_argument("--np", type=int, default=1,
+                   help="ranks of the project's run (default 1: one process on every core, running auto's simulated "
+                   "ranks side by side, the soonest on one node; 2: make train's 2 ranks under Gloo)")
     p.add_argument("--peer-max-epochs", type=int, default=30, help="the peer gives up after this many epochs")
     p.add_argument("--peer-padding", choices=("same", "valid"), default="same",
                    help="the peer's convolutions: same (default; the plain script that reaches 92%%) or valid "

@@ -160,12 +160,12 @@ def test_bench_skips_what_this_cpu_cannot_run(tmp_path):
 
 @pytest.mark.slow
 def test_quick_race_runs_both_sides_and_writes_its_outputs(tmp_path):
-    """`race --quick`: the plain Keras peer and the project's recipe on 2 ranks, 20 steps each; the
-    target is out of reach, so neither side has a time to target and no ratio is claimed."""
+    """`race --quick --np 2`: the plain Keras peer and the project's recipe on 2 ranks, 20 steps each;
+    the target is out of reach, so neither side has a time to target and no ratio is claimed."""
     out = tmp_path / "race"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "race", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([PYTHON, "-m", "fmnist_dist", "race", "--quick", "--np", "2", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "race.json").read_text())

@@ -28,13 +28,12 @@ def _stage(what: str) -> None:
     print(f"bench worker pid {os.getpid()}: {time.perf_counter() - _T0:7.1f} s  {what}", file=sys.stderr, flush=True)
 
 
-def start_single(ns: Any) -> tuple[dict, int]:
+def start_single(ns: Any, towers: int = 1) -> tuple[dict, int]:
     """runtime.start minus Horovod: the same ITEX, threads and precision decision (the worker ran
-    environment.prepare before TensorFlow loaded)."""
+    environment.prepare before TensorFlow loaded) for a process carrying `towers` simulated ranks."""
     node = cpu.node_facts()
     threads = int(os.environ["FMNIST_THREADS"])
-    intra, inter = thread_layout(threads, plan_batches(ns.train, 1).ranks_per_process, ns.intel.intra_op_threads,
-                                 ns.intel.inter_op_threads)
+    intra, inter = thread_layout(threads, towers, ns.intel.intra_op_threads, ns.intel.inter_op_threads)
     os.environ["OMP_NUM_THREADS"] = str(intra)     # before ITEX loads, as runtime.start says why
     itex = runtime.load_itex(ns.intel.itex, node)
     tf.config.threading.set_intra_op_parallelism_threads(intra)
@@ -52,7 +51,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
         rt = runtime.start(ns, towers=lambda size, nodes, precision: plan_batches(ns.train, size).ranks_per_process)
         hvd, rank, world, threads, environment = rt.hvd, rt.rank, rt.size, rt.threads, rt.environment
     else:
-        itex, threads = start_single(ns)
+        itex, threads = start_single(ns, plan_batches(ns.train, 1).ranks_per_process)
         rt = hvd = None
         rank, world = 0, 1
         environment = {"itex": itex, "onednn_enabled": runtime.onednn_enabled(), "horovod_controller": None,

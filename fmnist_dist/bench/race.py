@@ -6,8 +6,10 @@ the seed (peer first on odd seeds) so that a slow minute does not always hit the
   set after each epoch until it reaches the target (or gives up after --peer-max-epochs); "same"
   padding by default, the script that reaches 92%; --peer-padding valid races the original study's
   network, which does not;
-- the project: `horovodrun --gloo -np N python -m fmnist_dist train` with the given config (the
-  fast recipe by default) and the seed, as `make train` runs it; its test accuracy is the report's.
+- the project: `python -m fmnist_dist train` with the given config (the fast recipe by default) and
+  the seed, one process on every core by default (auto's 2 simulated ranks of 256 side by side, the
+  soonest on one node), or `horovodrun --gloo -np N` of it with --np N (2: as `make train` runs it);
+  its test accuracy is the report's.
 Both use every core of the machine. Time to target: training seconds (the peer: its fit calls up to
 the epoch that reached the target; the project: the report's training time, whose recipe ends at
 its last epoch) and wall seconds (process start to exit, start-up and evaluation included).
