@@ -85,7 +85,8 @@ def test_quick_bench_runs_and_writes_its_outputs(tmp_path):
     for v in result["variants"]:
         assert v["median"] is not None and v["median"] > 0, f"{v['name']} failed; see {out}/logs"
         assert v["gflops"] > 0 and v["peak_fraction"] > 0
-        assert v["environment"]["intra_op_threads"] == v["threads_per_rank"]
+        in_use = v["environment"]["intra_op_threads"] * v["environment"]["inter_op_threads"]
+        assert in_use == v["threads_per_rank"]
     launches = result["launches"]
     assert [la["variant"] for la in launches] == ["peak", *variants.QUICK_VARIANTS]   # the order they ran
     assert all(la["ok"] and (out / la["log"]).exists() for la in launches)
@@ -254,3 +255,12 @@ def test_the_batch_curve_is_one_rank_one_thread_per_batch_and_native_precision()
     assert curve_of(variants, rows) == {"threads": 1, "precisions": {
         "fp32": {"batches": [32, 256], "images_per_s": [3200.0, 25600.0]},
         "bf16": {"batches": [32], "images_per_s": [3200.0]}}}
+
+
+def test_a_rank_s_threads_count_the_ops_it_runs_side_by_side():
+    """bench's "ranks x threads": one process running 2 simulated ranks' towers side by side, one
+    thread each, uses 2 threads; a record from before inter-op threads were kept counts its intra-op pool."""
+    assert stats.threads_in_use({"intra_op_threads": 1, "inter_op_threads": 2}, 1) == 2
+    assert stats.threads_in_use({"intra_op_threads": 2, "inter_op_threads": 1}, 1) == 2
+    assert stats.threads_in_use({"intra_op_threads": 1}, 2) == 1
+    assert stats.threads_in_use({}, 2) == max(1, (os.cpu_count() or 1) // 2)

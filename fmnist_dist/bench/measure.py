@@ -58,7 +58,8 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
                        "mixed_precision_policy": tf.keras.mixed_precision.global_policy().name,
                        "itex_auto_mixed_precision": os.environ.get("ITEX_AUTO_MIXED_PRECISION") == "1"
                        and itex["loaded"],
-                       "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+                       "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+                       "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
     effect = in_effect(environment["itex"], world, tensorflow_loaded_before_prepare)
     environment["in_effect"] = effect
     _stage(f"TensorFlow{' and Horovod' if horovod else ''} ready, {threads} threads; in effect: {effect}")
@@ -98,7 +99,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
     images = sum(r["steps"] for r in ranks) * split.per_process
     fpi = flops_per_image(model)
     keep = ("itex", "onednn_enabled", "horovod_controller", "mixed_precision_policy", "itex_auto_mixed_precision",
-            "intra_op_threads", "in_effect")
+            "intra_op_threads", "inter_op_threads", "in_effect")
     return {"images_per_s": images / slowest, "fit_s": slowest, "images": images, "world": world,
             "batch_size": split.per_process, "ranks": sorted(ranks, key=lambda r: r["rank"]),
             "environment": {k: environment.get(k) for k in keep},

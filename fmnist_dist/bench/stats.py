@@ -34,14 +34,19 @@ def summarize_variants(variants: list[Variant], per_variant: dict, environments:
         elif base and v.name == BASELINE and s["median"] is not None:
             vs = 1.0
         rows.append({"name": v.name, "title": v.title, "group": v.group, "launcher": v.launcher,
-                     "ranks": v.ranks, "threads_per_rank": (environments.get(v.name) or {}).get(
-                         "intra_op_threads") or max(1, (os.cpu_count() or 1) // v.ranks),
+                     "ranks": v.ranks, "threads_per_rank": threads_in_use(environments.get(v.name) or {}, v.ranks),
                      "precision": v.precision, "intel": v.intel, "command": display_command(v),
                      "images_per_s": per_variant[v.name], **s, "gflops": gflops,
                      "peak_fraction": gflops / peak_value if gflops and peak_value else None,
                      "peak_used": "bf16" if v.bf16 else "fp32",
                      "vs_baseline": vs, "environment": environments.get(v.name)})
     return rows
+
+
+def threads_in_use(environment: dict, ranks: int) -> int:
+    """A rank's threads: inside each op times the ops run side by side (simulated ranks' towers)."""
+    intra = environment.get("intra_op_threads")
+    return intra * (environment.get("inter_op_threads") or 1) if intra else max(1, (os.cpu_count() or 1) // ranks)
 
 
 def compare(per_variant: dict) -> list[dict]:
