@@ -107,8 +107,8 @@ def thread_layout(threads: int, towers: int, intra_requested: int, inter_request
     """(intra-op, inter-op) threads for a process of `threads` threads that carries `towers` simulated
     ranks. inter_requested 0 (auto): towers side by side, each op on one thread, when the process carries
     two or more and its intra-op count was not set, since one thread per op keeps every core busy
-    without the ops' own fork and join (one process of 2 threads, 2 towers of 256: 42-44 ms a step
-    against 53 ms with both threads inside each op, docs/benchmark.md); else one inter-op thread."""
+    without the ops' own fork and join (one process of 2 threads, 2 towers of 256: 42-47 ms a step in bf16
+    against 53 ms with both threads inside each op, docs/results.md); else one inter-op thread."""
     if inter_requested:
         return threads, inter_requested
     if towers > 1 and threads > 1 and intra_requested == 0:

@@ -85,7 +85,8 @@ def plan_batches(train: Any, processes: int, chosen: int | None = None, chosen_w
         raise ConfigError(
             f"train.global_batch_size={global_batch} does not divide among {world} ranks "
             f"({global_batch}/{world} is not whole): use {_multiples(world, global_batch)}, or another rank count")
-    return BatchPlan(processes, world, global_batch, batch, "strong", large_from)
+    mode = "weak" if global_batch == batch * world else "strong"   # the same split, whichever key named it
+    return BatchPlan(processes, world, global_batch, batch, mode, large_from)
 
 
 def _multiples(unit: int, near: int) -> str:

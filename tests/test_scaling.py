@@ -34,6 +34,12 @@ def test_strong_scaling_keeps_the_global_batch_and_the_rate_whatever_the_ranks(p
     assert plan.lr_factor == 32                            # 8192 / train.batch_size: the same on any rank count
 
 
+def test_a_global_batch_equal_to_weak_scalings_is_called_weak():
+    assert plan_batches(train(global_batch=1024), 4).mode == "weak"          # 256 per rank, as train.batch_size
+    assert plan_batches(train(global_batch=1024, simulate=4), 1).mode == "weak"
+    assert plan_batches(train(global_batch=1024), 8).mode == "strong"
+
+
 def test_a_global_batch_that_does_not_divide_is_an_error_naming_the_key_and_the_choices():
     with pytest.raises(ConfigError) as e:
         plan_batches(train(global_batch=8192), 3)
@@ -129,7 +135,7 @@ def test_the_summary_calls_a_fixed_global_batch_on_fewer_ranks_larger_not_strong
 
     assert label(512, 1) == "global batch 512 (512/rank, larger than train.batch_size 256)"   # 512 asked for on 1 rank
     assert label(512, 4) == "global batch 512 (128/rank, strong scaling)"
-    assert label(512, 2) == "global batch 512 (256/rank, strong scaling)"
+    assert label(512, 2) == "global batch 512 (256/rank, weak scaling)"   # the split weak scaling makes, whichever key named it
 
 
 def scan_report(global_batch: int, seed: int, scaling: dict) -> dict:
