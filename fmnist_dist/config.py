@@ -77,6 +77,10 @@ SCHEMA: dict[str, Field] = {
                                    "(the rest Glorot), computed from the same images on every rank. Left at its "
                                    "default, a network that does not start with a convolution gets glorot",
                                    choices=("glorot", "whiten"), before="glorot"),
+    "model.first_conv_frozen": Field(False, bool, "keep the first convolution's weights as they start (with "
+                                     "whiten: a fixed whitening of the patches, as airbench's first layer): no "
+                                     "weight gradient for it, and no backward pass through the layers between it "
+                                     "and the first trained one"),
     "train.epochs": Field(22, int, "epochs to train", min=1, max=10000),
     "train.steps_per_epoch": Field(None, int, "cap on steps per epoch (short runs); default: the full shard",
                                    min=1, nullable=True),
@@ -223,6 +227,9 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{source}: model.first_conv_init is whiten but model.layers[0] is {first['type']}; "
                           "whitening sets the filters of a first convolution: put a conv layer first, or set "
                           "model.first_conv_init: glorot")
+    if cfg["model"]["first_conv_frozen"] and first["type"] != "conv":
+        raise ConfigError(f"{source}: model.first_conv_frozen is true but model.layers[0] is {first['type']}; only a "
+                          "first convolution can be frozen: put a conv layer first, or set model.first_conv_frozen: false")
     if cfg["train"]["alternate_flips"] and not cfg["train"]["augment_flip"]:
         raise ConfigError(f"{source}: train.alternate_flips is true but train.augment_flip is false; alternate "
                           "flips only change how images are mirrored: set train.augment_flip: true, or drop "
@@ -475,13 +482,13 @@ def _check_layer_shapes(layers: list[dict], source: str) -> None:
         shape = out
 
 
-def trainable_parameters(layers: list[dict]) -> int:
+def trainable_parameters(layers: list[dict], first_conv_frozen: bool = False) -> int:
     """The network's trainable weights, from the same shape walk, with the Dense(10) classifier that
     training/model.py appends: what each step's allreduce carries (a test holds it to Keras' count)."""
     shape, total = IMAGE_SHAPE, 0
     flatten = [] if any(layer["type"] == "flatten" for layer in layers) else [{"type": "flatten"}]  # as model.py adds
-    for layer in layers + flatten + [{"type": "dense", "units": 10}]:
-        if layer["type"] == "conv":
+    for i, layer in enumerate(layers + flatten + [{"type": "dense", "units": 10}]):
+        if layer["type"] == "conv" and not (i == 0 and first_conv_frozen):
             total += layer["kernel"] ** 2 * shape[-1] * layer["filters"] + layer["filters"]
         elif layer["type"] == "dense":
             total += shape[-1] * layer["units"] + layer["units"]

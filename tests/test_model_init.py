@@ -106,3 +106,37 @@ def test_a_model_carrying_simulated_ranks_predicts_in_parts_what_the_whole_model
     towers.set_weights([w + 0.01 for w in plain.get_weights()])
     images = tf.constant(real.x_test[:257])
     assert not np.allclose(predict_logits(towers, images), predict_logits(plain, images), atol=1e-4)
+
+
+def test_a_frozen_first_convolution_keeps_its_whitening_while_the_rest_trains(real):
+    """model.first_conv_frozen: real steps on real images move every weight but the first
+    convolution's; the counts the allreduce and the benchmark use leave its gradient out."""
+    sets = ("model.first_conv_frozen=true", "train.lr=0.01")         # as configs/fast.yaml has it, said here
+    ns = config_mod.namespace(config_mod.load("configs/fast.yaml", list(sets)))
+    model = build("configs/fast.yaml", *sets, train_images=real.x_train[:2000])
+    before = [w.copy() for w in model.get_weights()]
+    x = real.x_train[:256, :, :, None].astype(np.float32) / 255.0
+    y = tf.one_hot(real.y_train[:256].astype(np.int32), 10)
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    after = model.get_weights()
+    kernel_and_bias = [i for i, v in enumerate(model.weights) if v.name.startswith(model.layers[0].name + "/")]
+    assert len(kernel_and_bias) == 2
+    for i, (b, a) in enumerate(zip(before, after)):
+        if i in kernel_and_bias:
+            np.testing.assert_array_equal(b, a)
+        elif "moving" not in model.weights[i].name:
+            assert not np.array_equal(b, a), model.weights[i].name
+    trainable = sum(v.shape.num_elements() for v in model.trainable_variables)
+    assert config_mod.trainable_parameters(ns.model.layers, True) == trainable
+    assert config_mod.trainable_parameters(ns.model.layers) == trainable + 3 * 3 * 1 * 16 + 16
+    first = model_mod.flops_per_image_of(model.layers[0])
+    unfrozen = build("configs/fast.yaml", "model.first_conv_frozen=false")
+    assert model_mod.train_flops_per_image(model) == 3 * model_mod.flops_per_image(model) - 2 * first
+    assert model_mod.train_flops_per_image(unfrozen) == 3 * model_mod.flops_per_image(unfrozen) - first
+
+
+def test_only_a_first_convolution_can_be_frozen():
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(None, ['model.layers=[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}]',
+                               "model.first_conv_frozen=true"])
+    assert "--set: model.first_conv_frozen is true but model.layers[0] is maxpool" in str(e.value)

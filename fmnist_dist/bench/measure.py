@@ -104,7 +104,7 @@ def throughput(ns: Any, horovod: bool, warmup_steps: int, steps: int,
             "batch_size": split.per_process, "ranks": sorted(ranks, key=lambda r: r["rank"]),
             "environment": {k: environment.get(k) for k in keep},
             "model": {"description": describe_layers(ns.model.layers), "parameters": int(model.count_params()),
-                      "flops_per_image": fpi, "train_flops_per_image": 3 * fpi}}
+                      "flops_per_image": fpi, "train_flops_per_image": train_flops_per_image(model)}}
 
 
 def in_effect(itex: dict, world: int, tensorflow_loaded_before_prepare: bool = False) -> dict:

@@ -127,9 +127,11 @@ def hops(p: int, model: str) -> float:
 
 
 def _gradient_bytes(report: dict) -> int | None:
-    layers = ((report.get("config") or {}).get("model") or {}).get("layers")
+    model = (report.get("config") or {}).get("model") or {}
+    layers = model.get("layers")
     try:
-        return config_mod.trainable_parameters(layers) * scaling.GRADIENT_BYTES_PER_WEIGHT if layers else None
+        return config_mod.trainable_parameters(layers, bool(model.get("first_conv_frozen"))) \
+            * scaling.GRADIENT_BYTES_PER_WEIGHT if layers else None
     except (KeyError, TypeError, IndexError):
         return None
 

@@ -484,7 +484,7 @@ def choose_global_batch(ns: Any, cfg: dict, size: int, nodes: int, precision: st
         return None
     recipe_basis = basis.for_config(cfg)
     ranks = ns.train.simulate_world_size or size
-    gradient_bytes = config_mod.trainable_parameters(ns.model.layers) * scaling.GRADIENT_BYTES_PER_WEIGHT
+    gradient_bytes = config_mod.trainable_parameters(ns.model.layers, ns.model.first_conv_frozen) * scaling.GRADIENT_BYTES_PER_WEIGHT
     choice = scaling.choose(ranks, nodes, vars(ns.train), recipe_basis, precision, gradient_bytes,
                             data_mod.SHAPES["train_images"][0] - ns.data.val_size, basis.target_of(cfg, recipe_basis))
     if announce:

@@ -25,6 +25,8 @@ def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int, distrib
     model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
     if ns.model.first_conv_init == "whiten" and train_images is not None:
         whiten_first_conv(model, train_images)
+    if ns.model.first_conv_frozen:
+        model.layers[0].trainable = False
     schedule = lr_schedule(ns.train, batches, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule, batches)
     if distributed is not None:
@@ -183,8 +185,19 @@ class StepDropout(tf.keras.layers.Layer):
 
 
 def flops_per_image(model: tf.keras.Model) -> int:
-    """Multiply-adds x2 of the conv and dense layers for one forward pass (training ~ 3x this)."""
+    """Multiply-adds x2 of the conv and dense layers for one forward pass."""
     return sum(flops_per_image_of(layer) for layer in model.layers)
+
+
+def train_flops_per_image(model: tf.keras.Model) -> int:
+    """FLOPs of one image's training step in the conv and dense layers: each layer's forward pass, the
+    gradient of its input (each costs as much as the forward) except the first layer's, which no
+    weights need, and the gradient of its weights unless frozen."""
+    total = 0
+    for i, layer in enumerate(model.layers):
+        forward = flops_per_image_of(layer)
+        total += forward * (1 + (i > 0) + bool(layer.trainable_weights))
+    return total
 
 
 def flops_per_image_of(layer: tf.keras.layers.Layer) -> int:
