@@ -17,7 +17,7 @@ from ..environment import thread_layout
 from ..scaling import plan_batches
 from ..training import runtime
 from ..training.callbacks import StepTimer
-from ..training.model import build_and_compile, build_model, flops_per_image, flops_per_image_of
+from ..training.model import build_and_compile, build_model, flops_per_image, flops_per_image_of, train_flops_per_image
 from ..training.pipeline import make_batches
 
 _T0 = time.perf_counter()
