@@ -131,6 +131,12 @@ def expect(points: list[dict], global_batch: int, target: float) -> dict:
     return out
 
 
+def epochs_trained(expected: dict, early_stop: bool) -> int | None:
+    """The epochs a job trains at an expect()ed global batch: the recipe's, unless train.target_accuracy
+    (early_stop) ends it at the first epoch every seed of the basis reached the target."""
+    return (expected["epochs_to_target"] or expected["epochs"]) if early_stop else expected["epochs"]
+
+
 def warning(points: list[dict], global_batch: int, recipe: str, target: float) -> str | None:
     """A line for the job log when the global batch lies outside the measured basis, or where the
     basis says the recipe loses accuracy (below the target after its epochs)."""

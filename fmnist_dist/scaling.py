@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .basis import expect, recipe_points
+from .basis import epochs_trained, expect, recipe_points
 from .errors import ConfigError
 
 LARGE_BATCH_WARMUP_EPOCHS = 5.0     # 30 steps at 8,192: what the warm-up needs there (measured)
@@ -243,8 +243,7 @@ def choose(ranks: int, nodes: int, train: dict, basis: dict | None, precision: s
         elif per_epoch is None:
             row["rejected"] = f"throughput not measured at {share} per rank"
         else:
-            # The job trains the recipe's epochs unless train.target_accuracy stops it at the target.
-            epochs = (e["epochs_to_target"] or e["epochs"]) if early_stop else e["epochs"]
+            epochs = epochs_trained(e, early_stop)
             row.update(epoch_s=per_epoch, epochs_trained=epochs, projected_s=epochs * per_epoch)
         weighed.append(row)
     usable = [r for r in weighed if "projected_s" in r]

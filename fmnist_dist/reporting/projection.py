@@ -28,7 +28,8 @@ The model (weak scaling: every rank keeps its batch size, so the global batch gr
 With the run's recipe's accuracy basis, each node count also gets the time to the target under
 three uses of its ranks: weak scaling (the base run's batch per rank), strong scaling (the base run's
 global batch split thinner) and the job's own choice (train.global_batch_size=auto, scaling.choose):
-the epochs to the target the basis measured at that global batch x the projected s/epoch.
+the epochs the job trains at that global batch (the recipe's, or with train.target_accuracy the
+epochs to the target the basis measured) x the projected s/epoch, where the basis reached the target.
 
 `validate(base, target)` projects a measured larger run from a smaller one (here: 1 rank -> 2
 ranks, the communication taken from the target run, as one would take it from a probe on the
@@ -248,8 +249,9 @@ SCENARIOS = ("weak", "strong", "auto")
 
 
 def scenario(proj: dict, nodes: int, ranks: int, global_batch: int | None, points: list[dict], target: float,
-             throughput: dict | None) -> dict | None:
-    """One use of `ranks`: its global batch, the accuracy the basis expects, s/epoch and time to target."""
+             throughput: dict | None, early_stop: bool = False) -> dict | None:
+    """One use of `ranks`: its global batch, the accuracy the basis expects, s/epoch and time to target
+    (the epochs the job trains there, as scaling.choose counts them)."""
     if not global_batch or global_batch < ranks:
         return None
     base, per_rank = proj["base"], global_batch // ranks
@@ -259,7 +261,9 @@ def scenario(proj: dict, nodes: int, ranks: int, global_batch: int | None, point
     return {"global_batch": global_batch, "per_rank": per_rank, "epoch_s": pred["epoch_s"], "steps": pred["steps"],
             "expected_accuracy": e["accuracy_mean"], "expected_accuracy_sd": e["accuracy_sd"], "within_basis": e["within"],
             "epochs_to_target": e["epochs_to_target"] if reached else None,
-            "time_to_target_s": e["epochs_to_target"] * pred["epoch_s"] if reached and pred["steps"] else None}
+            "epochs_trained": basis_mod.epochs_trained(e, early_stop) if reached else None,
+            "time_to_target_s": basis_mod.epochs_trained(e, early_stop) * pred["epoch_s"]
+            if reached and pred["steps"] else None}
 
 
 def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
@@ -278,7 +282,9 @@ def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
                                 network=(network["latency_hop_s"], network["link_Bps"]))
         batches = {"weak": p * base["batch"], "strong": base["global_batch"] // p * p,
                    "auto": choice["global_batch"] or p * base["batch"]}
-        row["time_to_target"] = {k: scenario(proj, n, p, g, points, target, throughput) for k, g in batches.items()}
+        early_stop = given.get("target_accuracy") is not None
+        row["time_to_target"] = {k: scenario(proj, n, p, g, points, target, throughput, early_stop)
+                                 for k, g in batches.items()}
         row["choice"] = choice["reason"]
     lo, hi = basis_mod.measured_range(points)
     fastest = {}
@@ -294,9 +300,10 @@ def add_time_to_accuracy(proj: dict, accuracy: dict) -> None:
             f"{'/'.join(str(len(p['seeds'])) for p in points)} seeds, {points[0]['epochs']} epochs, "
             f"lr_scaling {points[0]['lr_scaling']}, {optimizers(points)}; {basis_mod.shown_path(b)}); interpolated "
             "in log2(global batch) between measured points, nothing claimed outside them",
-            f"epochs to {target:.1%}: the first epoch at which every seed's validation accuracy reached it, in the "
-            f"scan's {points[0]['epochs']}-epoch schedule, where the mean test accuracy reached it too; time to target "
-            "= those epochs x the projected s/epoch (start-up and evaluation excluded)",
+            f"a global batch reaches {target:.1%} where every seed's validation accuracy reached it in the scan's "
+            f"{points[0]['epochs']}-epoch schedule and the mean test accuracy reached it too; time to target = the "
+            "epochs the job trains there x the projected s/epoch (start-up and evaluation excluded): all of them, "
+            "or with train.target_accuracy the first at which every seed had reached it, as the job weighs them",
             f"weak: {base['batch']} per rank; strong: the base run's global batch {base['global_batch']}; auto: "
             "what train.global_batch_size=auto would choose on that many ranks (scaling.choose)",
             "compute at other per-rank batches: " + ("along the recipe's measured throughput curve "
