@@ -94,9 +94,11 @@ def test_quick_bench_runs_and_writes_its_outputs(tmp_path):
     assert result["peak"]["fp32_gflops"] > 0
     assert (result["peak"]["bf16_gflops"] or 0) > 0 if result["machine"]["native_bf16"] else \
         result["peak"]["bf16_gflops"] is None, "bf16 is probed only where the CPU has it"
-    first = config_mod.DEFAULT_LAYERS[0]             # no input gradient for the first convolution
-    first_forward = 2 * 28 * 28 * first["filters"] * first.get("kernel", 3) ** 2
-    assert result["model"]["train_flops_per_image"] == 3 * result["model"]["flops_per_image"] - first_forward
+    from fmnist_dist.training.model import build_model, train_flops_per_image    # TensorFlow: only here
+    configured = result["config"]["model"]
+    timed = build_model(configured["layers"], 0, first_conv_frozen=configured["first_conv_frozen"])
+    assert result["model"]["train_flops_per_image"] == train_flops_per_image(timed)
+    assert result["model"]["train_flops_per_image"] < 3 * result["model"]["flops_per_image"]   # no input gradient first
     assert len(result["load"]["before"]) == 3 and result["machine"]["cores"] == os.cpu_count()
     assert [c["name"] for c in result["comparisons"]] == ["Horovod 2x1 / plain Keras 1x2"]
     md = (out / "bench.md").read_text()
@@ -130,6 +132,9 @@ def test_layer_profile_times_every_layer_of_the_model(tmp_path):
             assert (row["flops_per_image"] > 0 and row["gflops"] > 0) if has_flops else \
                 (row["flops_per_image"] == 0 and row["gflops"] is None), row
         assert sum(r["flops_per_image"] for r in rows) == profile["flops_per_image"]
+        assert sum(r["train_flops_per_image"] for r in rows) == profile["train_flops_per_image"]
+        # configs/fast.yaml's first convolution is frozen: its step is the forward pass alone
+        assert rows[0]["kind"] == "Conv2D" and rows[0]["train_flops_per_image"] == rows[0]["flops_per_image"]
         assert profile["whole_step_s"] > 0 and profile["peak_gflops"] > 0
         assert profile["sum_of_layers_s"] == pytest.approx(sum(r["step_s"] for r in rows))
     assert proc.stdout.count("Layer profile, ") == len(result["layers"])

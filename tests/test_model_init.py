@@ -135,6 +135,19 @@ def test_a_frozen_first_convolution_keeps_its_whitening_while_the_rest_trains(re
     assert model_mod.train_flops_per_image(unfrozen) == 3 * model_mod.flops_per_image(unfrozen) - first
 
 
+def test_the_flop_count_has_no_input_gradient_before_the_first_trained_layer():
+    """A network that starts with pooling: its first convolution's input gradient is not computed,
+    nor any gradient of the pooling; everything after the convolution gets both."""
+    ns = config_mod.namespace(config_mod.load(None, [
+        'model.layers=[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}, {"type": "flatten"}]']))
+    model = model_mod.build_model(ns.model.layers, 0)
+    assert model_mod.gradients_computed(model) == [(False, False), (False, True), (True, False), (True, True)]
+    conv, logits = model_mod.flops_per_image_of(model.layers[1]), model_mod.flops_per_image_of(model.layers[3])
+    assert conv == 2 * 14 * 14 * 8 * 9 and logits == 2 * 14 * 14 * 8 * 10
+    assert model_mod.train_flops_by_layer(model) == [0, 2 * conv, 0, 3 * logits]
+    assert model_mod.train_flops_per_image(model) == 2 * conv + 3 * logits
+
+
 def test_only_a_first_convolution_can_be_frozen():
     with pytest.raises(ConfigError) as e:
         config_mod.load(None, ['model.layers=[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}]',

@@ -18,8 +18,9 @@ the 1-minute load average at its start and the share of the cores other processe
 
 Peak: a matmul probe (square float32 and bfloat16 matrices, all cores, one process) runs at the
 start of every repetition; the best rate seen is the measured peak. Training FLOP/s = images/s x
-3 x the model's forward FLOPs per image (`model.flops_per_image`; backward ~ 2x forward), compared
-with the peak of the variant's precision.
+the training FLOPs per image (`model.train_flops_per_image`: each conv and dense layer's forward
+pass and the gradients a step computes, each as costly as the forward), compared with the peak of
+the variant's precision.
 
 Layers (`--layers`): where a step's time goes. One process per precision the CPU runs natively,
 with one thread bound to one core (as each rank of the 2-rank default), times each layer alone, forward and backward

@@ -17,7 +17,8 @@ from ..environment import thread_layout
 from ..scaling import plan_batches
 from ..training import runtime
 from ..training.callbacks import StepTimer
-from ..training.model import build_and_compile, build_model, flops_per_image, flops_per_image_of, train_flops_per_image
+from ..training.model import (build_and_compile, build_model, flops_per_image, flops_per_image_of, gradients_computed,
+                              train_flops_by_layer, train_flops_per_image)
 from ..training.pipeline import make_batches
 
 _T0 = time.perf_counter()
@@ -187,14 +188,14 @@ def matmul_peak(n: int, calls: int, rounds: int = 3) -> dict:
 def layer_profile(ns: Any, batch: int, calls: int, rounds: int = 3) -> dict:
     """Where a training step's time goes, layer by layer, with this process's threads and precision.
 
-    Each layer alone, on a batch of its input's shape: forward and backward (the gradients of its
-    weights and, past the first layer, of its input), best of `calls` calls, the median over
+    Each layer alone, on a batch of its input's shape: forward and backward (the gradients a
+    training step computes: model.gradients_computed), best of `calls` calls, the median over
     `rounds`. The whole model's step (forward, loss, every gradient; no optimizer update) is timed
     the same way, so the parts can be checked against the whole. The matmul peak is measured here
     too, with the same threads, so a layer's GFLOP/s is compared with what these threads can do.
     """
     _, threads = start_single(ns)
-    model = build_model(ns.model.layers, ns.train.seed)
+    model = build_model(ns.model.layers, ns.train.seed, first_conv_frozen=ns.model.first_conv_frozen)
     loss_fn = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=ns.train.label_smoothing)
     images = tf.random.stateless_uniform((batch, *model.input_shape[1:]), seed=[1, 2])
     labels = tf.one_hot(tf.random.stateless_uniform((batch,), seed=[3, 4], maxval=10, dtype=tf.int32), 10)
@@ -206,14 +207,17 @@ def layer_profile(ns: Any, batch: int, calls: int, rounds: int = 3) -> dict:
         return tape.gradient(loss, model.trainable_variables)
 
     rows = []
-    for index, layer in enumerate(model.layers):
+    layer_gradients = zip(model.layers, gradients_computed(model), train_flops_by_layer(model))
+    for index, (layer, (input_gradient, _), train_flops) in enumerate(layer_gradients):
         x = tf.cast(tf.random.stateless_uniform((batch, *layer.input.shape[1:]), seed=[index, 5]),
                     layer.compute_dtype if index else tf.float32)
         dy = tf.cast(tf.random.stateless_normal((batch, *layer.output.shape[1:]), seed=[index, 6]),
                      layer.compute_dtype)
         rows.append({"index": index, "name": layer.name, "kind": type(layer).__name__,
                      "input": list(layer.input.shape[1:]), "output": list(layer.output.shape[1:]),
-                     "flops_per_image": flops_per_image_of(layer), "step": _layer_step(layer, index > 0),
+                     "flops_per_image": flops_per_image_of(layer),
+                     "train_flops_per_image": train_flops,
+                     "step": _layer_step(layer, input_gradient),
                      "args": (x, dy)})
     timings = {"whole": [], **{row["name"]: [] for row in rows}}
     for _ in range(rounds):
@@ -225,17 +229,17 @@ def layer_profile(ns: Any, batch: int, calls: int, rounds: int = 3) -> dict:
     layers = []
     for row in rows:
         seconds = sorted(timings[row["name"]])[len(timings[row["name"]]) // 2]
-        # forward, weight gradient and (past the first layer) input gradient: each as many FLOPs
-        passes = 3 if row["index"] else 2
-        gflops = passes * row["flops_per_image"] * batch / seconds / 1e9 if row["flops_per_image"] else None
-        layers.append({k: row[k] for k in ("index", "name", "kind", "input", "output", "flops_per_image")}
+        gflops = row["train_flops_per_image"] * batch / seconds / 1e9 if row["flops_per_image"] else None
+        layers.append({k: row[k] for k in ("index", "name", "kind", "input", "output", "flops_per_image",
+                                           "train_flops_per_image")}
                       | {"step_s": seconds, "gflops": gflops})
     whole = sorted(timings["whole"])[rounds // 2]
     return {"layers": {"batch": batch, "threads": threads, "cores": sorted(os.sched_getaffinity(0)), "precision": key,
                        "policy": tf.keras.mixed_precision.global_policy().name,
                        "peak_gflops": max(peak_gflops[key]) if peak_gflops[key] else max(peak_gflops["fp32"]),
                        "whole_step_s": whole, "sum_of_layers_s": sum(x["step_s"] for x in layers),
-                       "flops_per_image": flops_per_image(model), "rows": layers}}
+                       "flops_per_image": flops_per_image(model),
+                       "train_flops_per_image": train_flops_per_image(model), "rows": layers}}
 
 
 def _layer_step(layer: tf.keras.layers.Layer, input_gradient: bool):

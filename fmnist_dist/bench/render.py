@@ -122,7 +122,7 @@ def markdown(result: dict) -> str:
 def layers_markdown(p: dict) -> str:
     """One precision's layer profile: each layer's share of the step and its fraction of the peak."""
     total = p["sum_of_layers_s"]
-    whole_gflops = 3 * p["flops_per_image"] * p["batch"] / p["whole_step_s"] / 1e9
+    whole_gflops = p["train_flops_per_image"] * p["batch"] / p["whole_step_s"] / 1e9
     lines = [f"Layer profile, {p['precision']} ({p['policy']}), {p['threads']} thread, batch {p['batch']}: each layer "
              f"alone, forward and backward, median of 3 rounds (best of the calls in each). Whole step "
              f"{1e3 * p['whole_step_s']:.1f} ms ({whole_gflops:.1f} GFLOP/s, "

@@ -22,11 +22,9 @@ def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int, distrib
     tf.keras.utils.set_random_seed(ns.train.seed)      # the same on every rank: the same initial weights
     if ns.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process)
+    model = build_model(ns.model.layers, ns.train.seed, batches.ranks_per_process, ns.model.first_conv_frozen)
     if ns.model.first_conv_init == "whiten" and train_images is not None:
         whiten_first_conv(model, train_images)
-    if ns.model.first_conv_frozen:
-        model.layers[0].trainable = False
     schedule = lr_schedule(ns.train, batches, steps_per_epoch)
     optimizer = make_optimizer(ns.train, schedule, batches)
     if distributed is not None:
@@ -40,9 +38,11 @@ def build_and_compile(ns: Any, batches: BatchPlan, steps_per_epoch: int, distrib
     return model, optimizer, schedule
 
 
-def build_model(layers: list[dict], seed: int, ranks_per_process: int = 1) -> tf.keras.Model:
+def build_model(layers: list[dict], seed: int, ranks_per_process: int = 1,
+                first_conv_frozen: bool = False) -> tf.keras.Model:
     """Stack the configured layers and append the Dense(10) classifier (logits, float32).
-    With several (simulated) ranks per process, each trains as its own rank would (SimulatedRanks)."""
+    With several (simulated) ranks per process, each trains as its own rank would (SimulatedRanks).
+    A frozen first convolution keeps the weights it is given (model.first_conv_frozen)."""
     initializer_seed = iter(range(seed * 1000, seed * 1000 + 1000))
     if ranks_per_process > 1:
         model = SimulatedRanks(ranks_per_process, name="fmnist_cnn")
@@ -56,6 +56,8 @@ def build_model(layers: list[dict], seed: int, ranks_per_process: int = 1) -> tf
     # Logits stay float32 under a bf16 policy: the softmax/loss is where bf16 would lose accuracy.
     model.add(tf.keras.layers.Dense(NUM_CLASSES, dtype="float32", name="logits",
                                     kernel_initializer=tf.keras.initializers.GlorotUniform(seed)))
+    if first_conv_frozen:
+        model.layers[0].trainable = False
     return model
 
 
@@ -189,15 +191,28 @@ def flops_per_image(model: tf.keras.Model) -> int:
     return sum(flops_per_image_of(layer) for layer in model.layers)
 
 
+def gradients_computed(model: tf.keras.Model) -> list[tuple[bool, bool]]:
+    """For each layer, whether a training step computes the gradient of its input and of its weights:
+    an input gradient only where a layer before it trains, weight gradients only where it has
+    trainable weights (a frozen first convolution has none, and neither has the pooling after it)."""
+    computed, trained_before = [], False
+    for layer in model.layers:
+        trains = bool(layer.trainable_weights)
+        computed.append((trained_before, trains))
+        trained_before = trained_before or trains
+    return computed
+
+
+def train_flops_by_layer(model: tf.keras.Model) -> list[int]:
+    """FLOPs of one image's training step in each layer (0 but for conv and dense): its forward pass
+    and the gradients the step computes (gradients_computed), each costing as much as the forward."""
+    return [flops_per_image_of(layer) * (1 + input_gradient + weight_gradient)
+            for layer, (input_gradient, weight_gradient) in zip(model.layers, gradients_computed(model))]
+
+
 def train_flops_per_image(model: tf.keras.Model) -> int:
-    """FLOPs of one image's training step in the conv and dense layers: each layer's forward pass, the
-    gradient of its input (each costs as much as the forward) except the first layer's, which no
-    weights need, and the gradient of its weights unless frozen."""
-    total = 0
-    for i, layer in enumerate(model.layers):
-        forward = flops_per_image_of(layer)
-        total += forward * (1 + (i > 0) + bool(layer.trainable_weights))
-    return total
+    """FLOPs of one image's training step in the conv and dense layers (train_flops_by_layer)."""
+    return sum(train_flops_by_layer(model))
 
 
 def flops_per_image_of(layer: tf.keras.layers.Layer) -> int:
