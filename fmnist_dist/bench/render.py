@@ -32,7 +32,7 @@ def _peak_line(result: dict) -> str:
     if model:
         parts.append(f"model {model['description']}: {model['flops_per_image'] / 1e6:.2f} MFLOP/image forward, "
                      f"training {model['train_flops_per_image'] / 1e6:.1f} MFLOP/image (forward, and the gradients "
-                     "computed: no input gradient for the first layer, no weight gradient for frozen ones)")
+                     "computed: no input gradient before the first trained layer, no weight gradient for frozen ones)")
     return "; ".join(parts)
 
 
