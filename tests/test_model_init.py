@@ -136,8 +136,9 @@ def test_a_frozen_first_convolution_keeps_its_whitening_while_the_rest_trains(re
 
 
 def test_the_flop_count_has_no_input_gradient_before_the_first_trained_layer():
-    """A network that starts with pooling: its first convolution's input gradient is not computed,
-    nor any gradient of the pooling; everything after the convolution gets both."""
+    """A network that starts with pooling: neither the pooling's gradient nor the first convolution's
+    input gradient is computed; past the convolution every layer passes its input gradient back, and
+    the logits layer, the only one there with weights, also gets its weight gradient."""
     ns = config_mod.namespace(config_mod.load(None, [
         'model.layers=[{"type": "maxpool", "size": 2}, {"type": "conv", "filters": 8}, {"type": "flatten"}]']))
     model = model_mod.build_model(ns.model.layers, 0)
