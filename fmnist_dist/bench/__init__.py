@@ -19,8 +19,9 @@ the 1-minute load average at its start and the share of the cores other processe
 Peak: a matmul probe (square float32 and bfloat16 matrices, all cores, one process) runs at the
 start of every repetition; the best rate seen is the measured peak. Training FLOP/s = images/s x
 the training FLOPs per image (`model.train_flops_per_image`: each conv and dense layer's forward
-pass and the gradients a step computes, each as costly as the forward), compared with the peak of
-the variant's precision.
+pass and the gradients a step computes, each as costly as the forward). A variant's fraction of the
+peak is the median over repetitions of each launch's training FLOP/s against the best probe of its
+own repetition, in the variant's precision: both measured within a minute of each other.
 
 Layers (`--layers`): where a step's time goes. One process per precision the CPU runs natively,
 with one thread bound to one core (as each rank of the 2-rank default), times each layer alone, forward and backward
@@ -36,7 +37,8 @@ settings {reps, warmup_steps, steps, batch_size, variants}, model {description, 
 train_flops_per_image}, load {before, waited_s, after, launches_other_cpu_median, ..._max},
 peak {fp32_gflops, bf16_gflops (null without native bf16), samples [{rep, fp32 [..], bf16 [..]}], n} or null,
 variants [{name, title, group, launcher, ranks, threads_per_rank, intel, command,
-images_per_s [per rep, null if failed], median, min, max, spread, gflops, peak_fraction,
+images_per_s [per rep, null if failed], median, min, max, spread, gflops, peak_fraction (median of
+peak_fractions [per rep, against that rep's probe]),
 vs_baseline, environment (of the first good launch)}], skipped [{name, reason}] (variants this CPU
 cannot run), comparisons [{name, what, a, b, ratios
 [per rep], median, min, max}], launches [{rep, variant, seconds, ok, images_per_s, load1,

@@ -28,7 +28,10 @@ def _peak_line(result: dict) -> str:
         parts.append(f"matmul peak (best of {sum(len(s['fp32']) for s in peak['samples'])} probes, "
                      f"{peak['n']}x{peak['n']}, 2 threads): fp32 {peak['fp32_gflops']:.0f} GFLOP/s, "
                      + (f"bf16 {peak['bf16_gflops']:.0f} GFLOP/s" if peak["bf16_gflops"] else "bf16 not measured "
-                        "(no native bf16)"))
+                        "(no native bf16)")
+                     + "; each repetition's best: " + "; ".join(
+                         f"{key} " + ", ".join(f"{max(s[key]):.0f}" for s in peak["samples"] if s.get(key))
+                         for key in ("fp32", "bf16") if any(s.get(key) for s in peak["samples"])))
     if model:
         parts.append(f"model {model['description']}: {model['flops_per_image'] / 1e6:.2f} MFLOP/image forward, "
                      f"training {model['train_flops_per_image'] / 1e6:.1f} MFLOP/image (forward, and the gradients "
@@ -112,8 +115,9 @@ def markdown(result: dict) -> str:
                                 _f(c["max"], "{:.2f}")] for c in result["comparisons"]], "md")
     peak = _peak_line(result)
     if peak:
-        lines += ["", peak + ". GFLOP/s = images/s x training FLOPs per image; \"of peak\" compares it with the "
-                  "measured matmul peak of the variant's precision."]
+        lines += ["", peak + ". GFLOP/s = images/s x training FLOPs per image; \"of peak\" is the median over "
+                  "repetitions of each launch's GFLOP/s against the best probe of its own repetition, in the "
+                  "variant's precision."]
     for profile in result.get("layers") or []:
         lines += ["", layers_markdown(profile)]
     return "\n".join(lines)

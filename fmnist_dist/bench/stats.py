@@ -26,7 +26,7 @@ def summarize_variants(variants: list[Variant], per_variant: dict, environments:
         s = stats(per_variant[v.name])
         train_flops = model["train_flops_per_image"] if model else None
         gflops = s["median"] * train_flops / 1e9 if s["median"] is not None and train_flops else None
-        peak_value = (peak or {}).get("bf16_gflops" if v.bf16 else "fp32_gflops")
+        fractions = peak_fractions(per_variant[v.name], train_flops, peak, "bf16" if v.bf16 else "fp32")
         vs = None
         if base and v.name != BASELINE:
             ratios = [a / b for a, b in zip(per_variant[v.name], base) if a and b]
@@ -37,10 +37,19 @@ def summarize_variants(variants: list[Variant], per_variant: dict, environments:
                      "ranks": v.ranks, "threads_per_rank": threads_in_use(environments.get(v.name) or {}, v.ranks),
                      "precision": v.precision, "intel": v.intel, "command": display_command(v),
                      "images_per_s": per_variant[v.name], **s, "gflops": gflops,
-                     "peak_fraction": gflops / peak_value if gflops and peak_value else None,
+                     "peak_fraction": stats(fractions)["median"], "peak_fractions": fractions,
                      "peak_used": "bf16" if v.bf16 else "fp32",
                      "vs_baseline": vs, "environment": environments.get(v.name)})
     return rows
+
+
+def peak_fractions(images_per_s: list, train_flops: float | None, peak: dict | None, precision: str) -> list:
+    """Each repetition's training GFLOP/s over the peak probed at the start of that repetition. A
+    shared machine's pace drifts by tens of percent within a run: paired with its neighbour in time,
+    a launch in a slow minute is not held against a probe from a fast one."""
+    probed = {s["rep"]: max(s[precision]) for s in (peak or {}).get("samples", []) if s.get(precision)}
+    return [x * train_flops / 1e9 / probed[rep] if x and train_flops and rep in probed else None
+            for rep, x in enumerate(images_per_s, start=1)]
 
 
 def threads_in_use(environment: dict, ranks: int) -> int:
