@@ -21,7 +21,8 @@ start of every repetition; the best rate seen is the measured peak. Training FLO
 the training FLOPs per image (`model.train_flops_per_image`: each conv and dense layer's forward
 pass and the gradients a step computes, each as costly as the forward). A variant's fraction of the
 peak is the median over repetitions of each launch's training FLOP/s against the best probe of its
-own repetition, in the variant's precision: both measured within a minute of each other.
+own repetition, in the variant's precision: both from the same repetition rather than from
+anywhere in the run, whose pace may drift.
 
 Layers (`--layers`): where a step's time goes. One process per precision the CPU runs natively,
 with one thread bound to one core (as each rank of the 2-rank default), times each layer alone, forward and backward
