@@ -77,6 +77,16 @@ def test_summary_peak_fraction_and_tables():
     assert "hvd-1x2-fp32" in text and "x                        skipped: needs native bf16" in text
 
 
+def test_the_machine_line_names_the_kernels_isa_not_the_cpu_flags(monkeypatch):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 oneDNN runs no AMX kernel, whatever the CPU's flags say."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = run.machine_info()
+    assert capped["isa"] in ("AVX2", "AVX", "SSE4.1") and capped["amx"] is False and capped["native_bf16"] is False
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert run.machine_info()["amx"] == ("amx_bf16" in capped["flags"])
+
+
 @pytest.mark.slow
 def test_quick_bench_runs_and_writes_its_outputs(tmp_path):
     out = tmp_path / "bench"

@@ -33,6 +33,8 @@ def test_a_launch_that_ran_as_named_has_no_mismatch():
                                                                         itex_loaded=False)]) == []
     assert variants.mismatches(BY_NAME["hvd-1x2-keras-bf16"], [record(mixed_precision_policy="mixed_bfloat16")]) == []
     assert variants.mismatches(BY_NAME["hvd-1x2-itex-bf16"], [record(itex_auto_mixed_precision=True)]) == []
+    assert variants.mismatches(BY_NAME["hvd-1x2-keras-bf16-noitex"], [
+        record(mixed_precision_policy="mixed_bfloat16", itex=False, itex_loaded=False)]) == []
     both_ranks = [record(world=2, intra_op_threads=1), record(world=2, intra_op_threads=1)]
     assert variants.mismatches(BY_NAME["mpi-2x1-fp32"], both_ranks) == []
 
@@ -53,6 +55,8 @@ def test_onednn_and_itex_in_effect_contrary_to_the_name_are_mismatches():
 def test_precision_threads_and_ranks_contrary_to_the_name_are_mismatches():
     assert variants.mismatches(BY_NAME["hvd-1x2-keras-bf16"], [record()]) == [
         "precision fp32 in effect, named keras_bf16"]
+    assert variants.mismatches(BY_NAME["hvd-1x2-keras-bf16-noitex"], [record(mixed_precision_policy="mixed_bfloat16")]) == [
+        "ITEX on in the executed graph, named intel.itex=off"]
     assert variants.mismatches(BY_NAME["hvd-1x2-fp32"], [record(mixed_precision_policy="mixed_bfloat16",
                                                                itex_auto_mixed_precision=True)]) == [
         "precision keras_bf16 + itex_bf16 in effect, named fp32"]

@@ -33,7 +33,8 @@ Outputs: a table on stdout, OUT/bench.json (schema below), OUT/bench.md (Markdow
 printed), OUT/logs/ (every launch's output).
 
 bench.json (schema "fmnist-dist/bench", version 1): started, finished, command, quick, machine
-{cpu_model, cores, flags, isa, isa_cap, native_bf16, avx512, amx, avx512f, avx512_bf16}, config (base, resolved),
+{cpu_model, cores, flags, isa, isa_cap, native_bf16, avx512, amx (AMX kernels allowed: the CPU has them and no
+ISA cap is below), avx512f, avx512_bf16}, config (base, resolved),
 settings {reps, warmup_steps, steps, batch_size, variants}, model {description, parameters, flops_per_image,
 train_flops_per_image}, load {before, waited_s, after, launches_other_cpu_median, ..._max},
 peak {fp32_gflops, bf16_gflops (null without native bf16), samples [{rep, fp32 [..], bf16 [..]}], n} or null,

@@ -234,7 +234,7 @@ def machine_info() -> dict:
     return {"cpu_model": node["cpu_model"], "cores": os.cpu_count(), "flags": node["flags"], "isa": node["isa"],
             "isa_cap": node["isa_cap"], "native_bf16": node["native_bf16"], "avx512": node["avx512"],
             "avx512f": "avx512f" in node["flags"], "avx512_bf16": "avx512_bf16" in node["flags"],
-            "amx": any(f.startswith("amx") for f in node["flags"])}
+            "amx": node["isa"] == "AMX"}   # the kernels' AMX: the CPU's flag, unless ONEDNN_MAX_CPU_ISA caps it
 
 
 def _loadavg() -> list[float]:
