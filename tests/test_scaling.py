@@ -263,9 +263,9 @@ def test_auto_short_of_the_target_takes_the_most_accurate_batch_the_ranks_can_sp
 
 
 def test_auto_wants_a_margin_over_the_target_before_it_splits_a_batch_for_speed():
-    """1,024 is expected to reach 92% by 0.17 points (the fast basis's own), less than the split alone
-    has moved a basis's mean (0.18): the job keeps 512, which clears the target by 0.22, although
-    1,024 would be sooner on 8 ranks."""
+    """1,024 is expected to reach 92% by 0.17 points (as the 4-epoch fast recipe's basis had it), less
+    than the split alone has moved a basis's mean (0.18): the job keeps 512, which clears the target
+    by 0.22, although 1,024 would be sooner on 8 ranks."""
     c = choose(8, 4, a_basis({512: 0.9222, 1024: 0.9217}))
     assert c["global_batch"] == 512 and "short_of_target" not in c
     assert [r["rejected"] for r in c["candidates"] if r["global_batch"] == 1024] == [
